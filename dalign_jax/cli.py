@@ -1,0 +1,129 @@
+"""The `dalign` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dalign_jax.errors import UserError
+
+
+def _read_prompts(path: Path) -> list[list[dict[str, str]]]:
+    """A `.jsonl` file of {"prompt": ...} or {"messages": [...]} objects, or plain text, one prompt a line."""
+    if not path.is_file():
+        raise UserError(f"{path}: prompts file does not exist")
+    conversations = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            conversations.append([{"role": "user", "content": line}])
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            conversations.append([{"role": "user", "content": row["prompt"]}])
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
+            conversations.append(row["messages"])
+        else:
+            raise UserError(f"{path}:{lineno}: expected a non-empty field 'prompt' (string) or 'messages' (list)")
+    if not conversations:
+        raise UserError(f"{path}: no prompts")
+    return conversations
+
+
+def _mesh(spec: str):
+    from dalign_jax.parallel.mesh import make_mesh
+
+    try:
+        sizes = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--mesh {spec!r}: expected three integers data,fsdp,tensor (for example -1,1,1)") from None
+    if len(sizes) != 3:
+        raise UserError(f"--mesh {spec!r}: expected three integers data,fsdp,tensor")
+    return make_mesh(*sizes)
+
+
+def cmd_generate(args) -> int:
+    import jax
+
+    from dalign_jax.engine.chat import complete_chats
+    from dalign_jax.engine.sampler import Sampler, SamplingParams
+    from dalign_jax.model.loader import load_model
+    from dalign_jax.parallel.mesh import shard_params
+
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise UserError("generate: give exactly one of --prompt or --prompts-file")
+    conversations = ([[{"role": "user", "content": args.prompt}]] if args.prompt is not None
+                     else _read_prompts(Path(args.prompts_file)))
+    if args.system:
+        conversations = [[{"role": "system", "content": args.system}] + c for c in conversations]
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    mesh = _mesh(args.mesh)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model = load_model(args.model)
+    params = shard_params(model.params, mesh)
+    sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
+    completions = complete_chats(model, sampler, params, conversations, args.max_new_tokens,
+                                 jax.random.key(args.seed), sampling)
+    for i, (conv, c) in enumerate(zip(conversations, completions)):
+        if args.jsonl:
+            print(json.dumps({"messages": conv, "completion": c.text, "finished": c.finished}, ensure_ascii=False))
+        else:
+            if len(completions) > 1:
+                print(f"=== {i + 1}: {conv[-1]['content'][:70]}")
+            print(c.text)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from dalign_jax.model.hf_io import export_hf
+    from dalign_jax.model.loader import load_model
+
+    model = load_model(args.model)
+    out = export_hf(args.out, model.hf_config, model.cfg, model.params, model.tokenizer,
+                    max_shard_bytes=int(args.max_shard_mb * 1024 * 1024))
+    print(f"exported {args.model} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalign", description="Deliberative Alignment in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer prompts with a model (chat template applied)")
+    gen.add_argument("--model", default="smollm2-135m", help="HF model directory, .gguf file, or alias")
+    gen.add_argument("--prompt", help="one user message")
+    gen.add_argument("--prompts-file", help="text file (one prompt a line) or JSONL with 'prompt' or 'messages'")
+    gen.add_argument("--system", help="a system message put before every prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes; -1 takes the remaining devices")
+    gen.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="write a model as a Hugging Face directory")
+    exp.add_argument("--model", required=True, help="HF model directory, .gguf file, or alias")
+    exp.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    exp.add_argument("--max-shard-mb", type=float, default=2048, help="safetensors shard size")
+    exp.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"dalign: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

