@@ -87,7 +87,13 @@ def test_top_k_and_top_p_filters():
     nucleus, _ = select_tokens(logits, keys, SamplingParams(temperature=1.0, top_p=0.85))
     assert set(np.asarray(nucleus).tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85: the third token is needed
     full, _ = select_tokens(logits, keys, SamplingParams(temperature=1.0))
-    assert set(np.asarray(full).tolist()) == {0, 1, 2, 3}
+    frequencies = np.bincount(np.asarray(full), minlength=4) / 2000
+    np.testing.assert_allclose(frequencies, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+    cold, _ = select_tokens(logits, keys, SamplingParams(temperature=0.5))  # p^2, renormalised
+    expected = np.array([0.25, 0.09, 0.0225, 0.0025]) / 0.365
+    np.testing.assert_allclose(np.bincount(np.asarray(cold), minlength=4) / 2000, expected, atol=0.04)
+    both, _ = select_tokens(logits, keys, SamplingParams(temperature=1.0, top_k=3, top_p=0.6))
+    assert set(np.asarray(both).tolist()) == {0, 1}  # top-k keeps 3 (mass 0.95), top-p 0.6 of that: 2
 
 
 def test_shapes_are_bucketed_and_compilations_counted(model):

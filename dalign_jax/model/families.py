@@ -1,7 +1,7 @@
 """How each supported family's Hugging Face tensors map onto our parameter tree, in both directions.
 
-A table row is (HF name, our path, rule). `{i}` in a name is the layer index; those rows map to one
-slice of a stacked [layers, ...] array. Rules: "linear" (torch's [out, in] is our [in, out]) and
+A table row is (HF name, our path, rule). `{i}` in a name is the layer index; those rows map into
+`layers[i]`. Rules: "linear" (torch's [out, in] is our [in, out]) and
 "same". Rows for parameters a config does not have (biases, q/k norms, an untied head) are skipped.
 Adding a family with the same blocks is adding a table.
 """
@@ -55,19 +55,21 @@ _to_hf = _to_ours  # both rules are their own inverse
 
 
 def _rows(cfg: ModelConfig):
-    """(HF name, our path, rule, layer index or None) for every tensor this config has."""
+    """(HF name, our path, rule) for every tensor this config has; `{i}` resolved to each layer."""
     shapes = param_shapes(cfg)
     for name, path, rule in FAMILY_TABLES[cfg.family]:
-        node = shapes
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            continue
-        if "{i}" in name:
-            for i in range(cfg.num_layers):
-                yield name.format(i=i), path, rule, i
-        else:
-            yield name, path, rule, None
+        if path[0] == "layers":
+            if path[1] in shapes["layers"][0]:
+                for i in range(cfg.num_layers):
+                    yield name.format(i=i), ("layers", i, path[1]), rule
+        elif path[0] in shapes:
+            yield name, path, rule
+
+
+def _node(tree, path):
+    for part in path:
+        tree = tree[part]
+    return tree
 
 
 def hf_to_params(get: Callable[[str], np.ndarray], names: set[str], cfg: ModelConfig, source: str) -> dict:
@@ -81,23 +83,15 @@ def hf_to_params(get: Callable[[str], np.ndarray], names: set[str], cfg: ModelCo
     if unexpected:
         raise UserError(f"{source}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
 
-    params: dict = {"layers": {}}
-    for name, path, rule, layer in _rows(cfg):
+    params = jax.tree.map(lambda s: None, shapes, is_leaf=lambda s: isinstance(s, tuple))
+    for name, path, rule in _rows(cfg):
         value = _to_ours(np.asarray(get(name), dtype=np.float32), rule)
-        target = shapes
-        for part in path:
-            target = target[part]
-        want = target[1:] if layer is not None else target
-        if value.shape != tuple(want):
-            raise UserError(f"{source}: tensor {name} has shape {value.shape[::-1] if rule == 'linear' else value.shape}, "
-                            f"the config needs {tuple(want)[::-1] if rule == 'linear' else tuple(want)}")
-        parent = params
-        for part in path[:-1]:
-            parent = parent[part]
-        if layer is None:
-            parent[path[-1]] = value
-        else:
-            parent.setdefault(path[-1], np.empty(target, np.float32))[layer] = value
+        want = _node(shapes, path)
+        if value.shape != want:
+            hf_shape = lambda s: tuple(s[::-1]) if rule == "linear" else tuple(s)  # noqa: E731
+            raise UserError(f"{source}: tensor {name} has shape {hf_shape(value.shape)}, "
+                            f"the config needs {hf_shape(want)}")
+        _node(params, path[:-1])[path[-1]] = value
     return params
 
 
@@ -105,10 +99,6 @@ def params_to_hf(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our parameter tree as HF-named float32 numpy tensors, ready for safetensors."""
     params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), params)  # one device-to-host copy
     out = {}
-    for name, path, rule, layer in _rows(cfg):
-        node = params
-        for part in path:
-            node = node[part]
-        value = node if layer is None else node[layer]
-        out[name] = np.ascontiguousarray(_to_hf(value, rule))
+    for name, path, rule in _rows(cfg):
+        out[name] = np.ascontiguousarray(_to_hf(_node(params, path), rule))
     return out

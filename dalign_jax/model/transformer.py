@@ -1,7 +1,9 @@
 """The decoder: one pure forward function that every stage calls (sampler, judge, SFT, RL).
 
-Parameters are a plain pytree; the per-layer weights are stacked on a leading layer axis so that the
-layers run under one `lax.scan` (one compiled layer body, whatever the depth).
+Parameters are a plain pytree with one dict per layer. The layers are unrolled rather than stacked
+under `lax.scan`: on CPU, slicing a stacked weight or cache per scan step copies it, and those copies
+cost as much as the matmuls; separate arrays are read in place, and each layer's cache is updated in
+place (the new keys are written first, then attended to).
 
 Padding is expressed through positions: a token whose position is negative is padding. Attention
 masks are derived from positions alone (a key is visible when it is real, not later than the query,
@@ -22,17 +24,17 @@ Params = dict
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
-    v: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
+    k: tuple[jax.Array, ...]  # per layer [batch, kv_heads, slots, head_dim]
+    v: tuple[jax.Array, ...]  # per layer [batch, kv_heads, slots, head_dim]
     positions: jax.Array  # [batch, slots] int32; -1 marks an empty slot
     index: jax.Array  # int32 scalar: the next slot to write
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             positions=jnp.full((batch, slots), -1, jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
@@ -81,27 +83,18 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
     return visible
 
 
-def _attend(q, k_blocks, v_blocks, mask_blocks):
-    """Grouped-query attention over several key blocks (the cache, the new tokens) without joining them.
-
-    q: [batch, kv_heads, group*time, head_dim]; key/value blocks: [batch, kv_heads, slots, head_dim],
-    the layout in which both products are plain batched matmuls (no transposes of the cache).
-    Joining the cache and the new keys would copy the whole cache every decode step; scores are
-    small, so the blocks are joined at the score level instead.
-    """
+def _attend(q, k, v, mask):
+    """Grouped-query attention. q: [batch, kv_heads, group*time, head_dim]; k, v: [batch, kv_heads,
+    slots, head_dim] (the layout in which both products are plain batched matmuls); mask: [batch, 1,
+    group*time, slots]."""
     q = q.astype(jnp.float32) / np.sqrt(q.shape[-1])
-    scores = [
-        jnp.where(m, jnp.einsum("bkqd,bksd->bkqs", q, kb.astype(jnp.float32)), -1e30)
-        for kb, m in zip(k_blocks, mask_blocks)
-    ]
-    sizes = [s.shape[-1] for s in scores]
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-    probs = jnp.split(probs, np.cumsum(sizes)[:-1], axis=-1)
-    return sum(jnp.einsum("bkqs,bksd->bkqd", p, vb.astype(jnp.float32)) for p, vb in zip(probs, v_blocks))
+    scores = jnp.where(mask, jnp.einsum("bkqd,bksd->bkqs", q, k.astype(jnp.float32)), -1e30)
+    return jnp.einsum("bkqs,bksd->bkqd", jax.nn.softmax(scores, axis=-1), v.astype(jnp.float32))
 
 
-def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, cached):
-    """One decoder block. `cached` is (k, v, mask) of this layer's cache, or None."""
+def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, mask, cache_kv):
+    """One decoder block; returns the new residual stream and this layer's keys and values (the
+    cache with the new tokens written in, or the new tokens' own when there is no cache)."""
     b, t, _ = x.shape
     dtype = x.dtype
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
@@ -119,17 +112,16 @@ def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, cached):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     group = cfg.num_heads // cfg.num_kv_heads
-    # [b, t, kv*group, hd] -> [b, kv, group*t, hd]: query rows of one KV head side by side.
+    # [b, t, kv*group, hd] -> [b, kv, group*t, hd]: the query rows of one KV head side by side.
     q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(b, cfg.num_kv_heads, group * t, cfg.head_dim)
     k = k.transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
-    self_mask = jnp.tile(attention_mask(positions, positions, cfg.sliding_window), (1, group, 1))[:, None]
-    if cached is None:
-        attn = _attend(q, [k], [v], [self_mask])
-    else:
-        ck, cv, cmask = cached
-        attn = _attend(q, [ck, k], [cv, v], [jnp.tile(cmask, (1, group, 1))[:, None], self_mask])
+    if cache_kv is not None:
+        ck, cv, index = cache_kv
+        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
+        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
+    attn = _attend(q, k, v, mask)
     attn = attn.reshape(b, cfg.num_kv_heads, group, t, cfg.head_dim).transpose(0, 3, 1, 2, 4)
     attn = attn.reshape(b, t, cfg.num_heads * cfg.head_dim)
     x = x + (attn.astype(dtype) @ lp["wo"].astype(dtype))
@@ -151,36 +143,28 @@ def forward(
     """Logits [batch, time, vocab] (float32) for `tokens`, and the cache with them written in.
 
     tokens, positions: [batch, time] int32; a negative position marks padding. With a cache, the new
-    tokens go to slots [cache.index, cache.index + time) and attend to everything already cached.
+    tokens go to slots [cache.index, cache.index + time) and attend to everything cached before them.
     """
     chex.assert_rank([tokens, positions], 2)
     chex.assert_equal_shape([tokens, positions])
     inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+    group = cfg.num_heads // cfg.num_kv_heads
     x = params["embed"][tokens].astype(dtype)
-
     if cache is None:
-        def body(x, lp):
-            x, _, _ = _layer(cfg, inv_freq, x, positions, lp, None)
-            return x, None
-
-        x, _ = jax.lax.scan(body, x, params["layers"])
-        new_cache = None
+        key_positions = positions
     else:
-        cache_mask = attention_mask(positions, cache.positions, cfg.sliding_window)
+        key_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
+    # [b, t, s] -> [b, 1, group*t, s], matching the query layout of `_layer`.
+    mask = jnp.tile(attention_mask(positions, key_positions, cfg.sliding_window), (1, group, 1))[:, None]
 
-        def body(x, layer):
-            lp, ck, cv = layer
-            x, k, v = _layer(cfg, inv_freq, x, positions, lp, (ck, cv, cache_mask))
-            return x, (k.astype(ck.dtype), v.astype(cv.dtype))
-
-        x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
-        start = (0, 0, 0, cache.index, 0)
-        new_cache = KVCache(
-            k=jax.lax.dynamic_update_slice(cache.k, new_k, start),
-            v=jax.lax.dynamic_update_slice(cache.v, new_v, start),
-            positions=jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index)),
-            index=cache.index + tokens.shape[1],
-        )
+    new_k, new_v = [], []
+    for i, lp in enumerate(params["layers"]):
+        cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+        x, k, v = _layer(cfg, inv_freq, x, positions, lp, mask, cache_kv)
+        new_k.append(k)
+        new_v.append(v)
+    new_cache = None if cache is None else KVCache(
+        k=tuple(new_k), v=tuple(new_v), positions=key_positions, index=cache.index + tokens.shape[1])
 
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
@@ -190,23 +174,24 @@ def forward(
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """The parameter tree's shapes: the single description of what a model holds."""
-    L, d, f, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qd, kvd = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    layers = {
-        "attn_norm": (L, d),
-        "wq": (L, d, qd),
-        "wk": (L, d, kvd),
-        "wv": (L, d, kvd),
-        "wo": (L, qd, d),
-        "mlp_norm": (L, d),
-        "w_gate": (L, d, f),
-        "w_up": (L, d, f),
-        "w_down": (L, f, d),
+    layer = {
+        "attn_norm": (d,),
+        "wq": (d, qd),
+        "wk": (d, kvd),
+        "wv": (d, kvd),
+        "wo": (qd, d),
+        "mlp_norm": (d,),
+        "w_gate": (d, f),
+        "w_up": (d, f),
+        "w_down": (f, d),
     }
     if cfg.qkv_bias:
-        layers.update(bq=(L, qd), bk=(L, kvd), bv=(L, kvd))
+        layer.update(bq=(qd,), bk=(kvd,), bv=(kvd,))
     if cfg.qk_norm:
-        layers.update(q_norm=(L, hd), k_norm=(L, hd))
+        layer.update(q_norm=(hd,), k_norm=(hd,))
+    layers = [dict(layer) for _ in range(cfg.num_layers)]
     shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,), "layers": layers}
     if not cfg.tie_embeddings:
         shapes["lm_head"] = (d, cfg.vocab_size)
@@ -215,13 +200,13 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
     """Random parameters (norm weights one, the rest normal): for benchmarks and tests."""
+    is_shape = lambda s: isinstance(s, tuple)  # noqa: E731
     shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
-    out = [
-        jnp.ones(s, dtype) if "norm" in p else (std * jax.random.normal(k, s)).astype(dtype)
-        for p, s, k in zip(paths, leaves, keys)
-    ]
-    return jax.tree.unflatten(treedef, out)
+    keys = iter(jax.random.split(key, len(jax.tree.leaves(shapes, is_leaf=is_shape))))
+
+    def init(path, shape):
+        if "norm" in jax.tree_util.keystr(path):
+            return jnp.ones(shape, dtype)
+        return (std * jax.random.normal(next(keys), shape)).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(init, shapes, is_leaf=is_shape)

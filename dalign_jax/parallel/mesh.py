@@ -18,14 +18,13 @@ from dalign_jax.errors import UserError
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Path regex (as "a/b") -> partition spec of the parameter. First match wins; stacked layer weights
-# carry a leading unsharded layer axis.
+# Path regex (as "layers/3/wq") -> partition spec of the parameter. First match wins.
 PARAM_RULES: list[tuple[str, P]] = [
     (r"^embed$", P("tensor", "fsdp")),
     (r"^lm_head$", P("fsdp", "tensor")),
-    (r"^layers/(wq|wk|wv|w_gate|w_up)$", P(None, "fsdp", "tensor")),
-    (r"^layers/(wo|w_down)$", P(None, "tensor", "fsdp")),
-    (r"^layers/(bq|bk|bv)$", P(None, "tensor")),
+    (r"^layers/\d+/(wq|wk|wv|w_gate|w_up)$", P("fsdp", "tensor")),
+    (r"^layers/\d+/(wo|w_down)$", P("tensor", "fsdp")),
+    (r"^layers/\d+/(bq|bk|bv)$", P("tensor")),
     (r"norm$", P()),
 ]
 
@@ -67,7 +66,7 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 
 def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def param_shardings(params, mesh: Mesh):
