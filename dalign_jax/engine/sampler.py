@@ -22,7 +22,9 @@ from dalign_jax.model.config import ModelConfig
 from dalign_jax.model.transformer import KVCache, forward
 from dalign_jax.parallel import mesh as mesh_lib
 
-PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# About 1.5x apart: a prompt is padded by at most a third, at the price of a few more compilations.
+PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192,
+                  12288, 16384, 24576, 32768)
 NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -113,7 +115,7 @@ def _generate(params, tokens, positions, max_new, stop, key, *, cfg: ModelConfig
     on_trace()  # runs once per compilation, never at run time
     batch, prompt_len = tokens.shape
     cache = KVCache.empty(cfg, batch, prompt_len + new_slots, dtype=params["embed"].dtype)
-    logits, cache = forward(params, tokens, positions, cache, cfg=cfg)
+    logits, cache = forward(params, tokens, positions, cache, cfg=cfg, last_only=True)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
     active = max_new > 0
 

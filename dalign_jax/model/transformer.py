@@ -139,8 +139,12 @@ def forward(
     *,
     cfg: ModelConfig,
     dtype=jnp.float32,
+    last_only: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [batch, time, vocab] (float32) for `tokens`, and the cache with them written in.
+
+    `last_only` computes logits for the last column only ([batch, 1, vocab]): a prefill needs no
+    more, and the vocabulary projection of every prompt token would cost more than a layer.
 
     tokens, positions: [batch, time] int32; a negative position marks padding. With a cache, the new
     tokens go to slots [cache.index, cache.index + time) and attend to everything cached before them.
@@ -166,6 +170,8 @@ def forward(
     new_cache = None if cache is None else KVCache(
         k=tuple(new_k), v=tuple(new_v), positions=key_positions, index=cache.index + tokens.shape[1])
 
+    if last_only:
+        x = x[:, -1:]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     logits = (x @ head.astype(dtype)).astype(jnp.float32)
