@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from dalign_jax.errors import UserError
+
+# transformers announces at import that PyTorch is absent; we never need it.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _read_prompts(path: Path) -> list[list[dict[str, str]]]:

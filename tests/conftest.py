@@ -78,3 +78,28 @@ def tiny_models(tmp_path_factory):
     """family -> (directory, torch model), built once per session."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {f: (root / f, make_hf_model(f, root / f)) for f in FAMILIES}
+
+
+def add_byte_tokenizer(directory):
+    """Give a tiny model a chat tokenizer: byte-level BPE over 250 byte symbols, no merges."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())[:250])}
+    vocab.update({"<s>": 250, "</s>": 251})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+        chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:",
+    ).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture
+def tiny_chat_model(tiny_models, tmp_path):
+    """A private copy of the tiny Llama model with a chat tokenizer."""
+    import shutil
+
+    return add_byte_tokenizer(shutil.copytree(tiny_models["llama2"][0], tmp_path / "tiny_chat"))

@@ -56,23 +56,8 @@ def test_export_of_default_model_loads_in_transformers_with_tokenizer(tmp_path):
     assert np.abs(np.asarray(logits)[mask.astype(bool)] - ref[mask.astype(bool)]).max() <= 1e-3
 
 
-def test_generate_from_prompts_file_on_tiny_model(tiny_models, tmp_path, capsys):
-    import transformers
-
-    # A tiny model needs a tokenizer with a chat template: a byte-level BPE with no merges will do.
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    import shutil
-    directory = shutil.copytree(tiny_models["llama2"][0], tmp_path / "model")
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(alphabet)[:250])}
-    vocab.update({"<s>": 250, "</s>": 251})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-        chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
-    fast.save_pretrained(str(directory))
+def test_generate_from_prompts_file_on_tiny_model(tiny_chat_model, tmp_path, capsys):
+    directory = tiny_chat_model
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hello"}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n')
     assert main(["generate", "--model", str(directory), "--prompts-file", str(prompts), "--max-new-tokens", "5",
@@ -113,3 +98,15 @@ def test_unsupported_architecture_and_pickle_checkpoints_are_refused(tmp_path, c
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     assert main(["export", "--model", str(pickled), "--out", str(tmp_path / "o")]) == 2
     assert "pickle" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_generate_and_export_run_without_pytorch(tiny_chat_model, tmp_path):
+    # `sys.modules["torch"] = None` makes torch look uninstalled to transformers and to imports alike.
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "from dalign_jax.cli import main\n"
+              "rc = main(sys.argv[1:]); assert 'torch' not in [m for m, v in sys.modules.items() if v]; sys.exit(rc)")
+    for args in (["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--max-new-tokens", "4"],
+                 ["export", "--model", str(tiny_chat_model), "--out", str(tmp_path / "export")]):
+        result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "export" / "model.safetensors").is_file()
