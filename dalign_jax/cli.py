@@ -94,6 +94,39 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_spec(args) -> int:
+    from dalign_jax.data.spec import load_spec
+
+    spec = load_spec(args.spec_dir)
+    if args.action == "check":
+        counts = ", ".join(f"{k}: {len(p.sections)}" for k, p in spec.policies.items())
+        print(f"{args.spec_dir}: spec {spec.version}, {len(spec.section_ids)} sections ({counts})")
+        return 0
+    if not args.category:
+        raise UserError("spec render: name a category (one of: " + ", ".join(spec.categories) + ")")
+    text = spec.render(args.category)
+    print(text)
+    if args.model:
+        from dalign_jax.model.loader import load_tokenizer
+
+        print(f"\n[{len(load_tokenizer(args.model).encode(text, add_special_tokens=False))} tokens for "
+              f"{args.model}; spec {spec.version}]", file=sys.stderr)
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from dalign_jax.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "distill":
+        from dalign_jax.stages.distill import run_distill as run
+    else:
+        from dalign_jax.stages.judge import run_judge as run
+    summary = run(config, force=args.force)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalign", description="Deliberative Alignment in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output directory (replaced atomically)")
     exp.add_argument("--max-shard-mb", type=float, default=2048, help="safetensors shard size")
     exp.set_defaults(func=cmd_export)
+
+    spec = sub.add_parser("spec", help="check the spec, or print spec(category)")
+    spec.add_argument("action", choices=["render", "check"])
+    spec.add_argument("category", nargs="?")
+    spec.add_argument("--spec-dir", default="specs")
+    spec.add_argument("--model", default="smollm2-135m", help="tokenizer for the token count ('' for none)")
+    spec.set_defaults(func=cmd_spec)
+
+    for name, text in (("distill", "sample analyses and answers with the spec in context"),
+                       ("judge", "score distilled completions and write the SFT set")):
+        stage = sub.add_parser(name, help=text)
+        stage.add_argument("config", help="YAML config (see configs/)")
+        stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prompts.limit=8")
+        stage.add_argument("--force", action="store_true", help="start the stage over despite changed inputs")
+        stage.set_defaults(func=cmd_stage)
     return parser
 
 

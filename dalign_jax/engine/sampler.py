@@ -81,6 +81,27 @@ def _largest_threshold(keys: jax.Array, holds) -> jax.Array:
     return jax.lax.fori_loop(0, 32, step, (lo, hi))[0]
 
 
+def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int, pad_id: int):
+    """Tokens and positions [rows, length], prompts right-aligned; padding has position -1. Rows past
+    the prompts hold one real token, so their arithmetic stays finite."""
+    tokens = np.full((rows, length), pad_id, np.int32)
+    positions = np.full((rows, length), -1, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p):] = p
+        positions[i, length - len(p):] = np.arange(len(p))
+    positions[len(prompts):, -1] = 0
+    return tokens, positions
+
+
+def batch_bucket(n: int, mesh: Mesh) -> int:
+    """A power of two at least `n`, rounded up to a multiple of the mesh's batch axes."""
+    multiple = mesh_lib.batch_size_multiple(mesh)
+    size = 1
+    while size < n:
+        size *= 2
+    return -(-size // multiple) * multiple
+
+
 def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """Next token per row and its log-probability under the temperature-scaled distribution
     (before top-k/top-p truncation, which is what an RL trainer recomputes from its own forward).
@@ -171,13 +192,6 @@ class Sampler:
     def _count_trace(self):
         self.compile_count += 1
 
-    def _batch_bucket(self, n: int) -> int:
-        multiple = mesh_lib.batch_size_multiple(self.mesh)
-        size = 1
-        while size < n:
-            size *= 2
-        return -(-size // multiple) * multiple
-
     def _fn(self, params, sampling: SamplingParams, new_slots: int):
         key = (sampling, new_slots)
         if key not in self._compiled:
@@ -219,13 +233,8 @@ class Sampler:
         if prompt_len + new_slots > self.cfg.max_position:
             raise UserError(f"sampler: prompt of {prompt_len} plus {new_slots} new tokens exceeds the model's "
                             f"context of {self.cfg.max_position}")
-        rows = self._batch_bucket(n)
-        tokens = np.full((rows, prompt_len), self.pad_id, np.int32)
-        positions = np.full((rows, prompt_len), -1, np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, prompt_len - len(p):] = p
-            positions[i, prompt_len - len(p):] = np.arange(len(p))
-        positions[n:, -1] = 0  # padding rows hold one real token so their arithmetic stays finite
+        rows = batch_bucket(n, self.mesh)
+        tokens, positions = left_pad(prompts, prompt_len, rows, self.pad_id)
         max_new = np.zeros(rows, np.int32)
         max_new[:n] = limits
         width = max(1, max(len(s) for s in per_row_stops))

@@ -71,3 +71,15 @@ def load_model(name: str) -> LoadedModel:
     else:
         raise UserError(f"{path}: not a model (expected a HF model directory or a .gguf file)")
     return LoadedModel(name, hf_config, cfg, params, tokenizer, _model_id(name, path))
+
+
+def load_tokenizer(name: str):
+    """Only the tokenizer of a model (no weights are read)."""
+    import gguf
+
+    from dalign_jax.model.gguf_io import read_gguf_tokenizer
+
+    path = resolve_model_path(name)
+    if path.is_dir():
+        return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    return read_gguf_tokenizer(gguf.GGUFReader(str(path)), path)

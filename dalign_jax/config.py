@@ -1,0 +1,166 @@
+"""Run configuration: YAML plus `key=value` overrides, checked against a typed schema.
+
+Every stage reads the same `Config`. An unknown key is an error with a "did you mean", and a value of
+the wrong type is an error that names its dotted key. Relative paths are relative to the directory
+the command runs in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from dalign_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class Models:
+    policy: str = "smollm2-135m"  # the model being aligned: HF directory, .gguf file or alias
+    judge: str = "smollm2-135m"  # the spec-aware grader (G_RM)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = -1  # -1: the devices left over by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class Distributed:
+    enabled: bool = False  # join processes with jax.distributed.initialize
+    coordinator: Optional[str] = None  # host:port; None: from the environment / cluster
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclasses.dataclass
+class Prompts:
+    path: str = "specs/prompts/safety_prompts.jsonl"  # our JSONL, or an AdvBench / StrongREJECT CSV
+    split: Literal["train", "heldout", "all"] = "train"
+    limit: int = 0  # 0: every prompt; n: the first n (for quick runs)
+
+
+@dataclasses.dataclass
+class Distill:
+    samples_per_prompt: int = 2  # k completions per prompt
+    max_new_tokens: int = 192
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.95
+    batch_size: int = 16  # prompts per sampler call (times samples_per_prompt rows)
+    shard_size: int = 32  # prompts per output shard: the unit of resume
+
+
+@dataclasses.dataclass
+class Judge:
+    mode: Literal["score", "generate"] = "score"  # score: next-token expectation; generate: sample and parse
+    runs: int = 2  # judge prompts per completion (varied wording); the score is their minimum
+    threshold: float = 0.5  # keep completions scoring at least this (scores lie in [0, 1])
+    best_of_n: int = 1  # then keep at most this many per prompt, best first
+    use_expected_mode: bool = True  # tell the judge the prompt set's expected mode where it has one
+    batch_size: int = 8
+    max_new_tokens: int = 48  # generate mode only
+
+
+@dataclasses.dataclass
+class Config:
+    run_dir: str = "runs/default"
+    spec_dir: str = "specs"
+    seed: int = 0
+    models: Models = dataclasses.field(default_factory=Models)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: Distributed = dataclasses.field(default_factory=Distributed)
+    prompts: Prompts = dataclasses.field(default_factory=Prompts)
+    distill: Distill = dataclasses.field(default_factory=Distill)
+    judge: Judge = dataclasses.field(default_factory=Judge)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else hint.__name__
+
+
+def _build(cls, values: dict, prefix: str, source: str):
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise UserError(f"{source}: unknown config key {prefix}{key}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.", source)
+        elif not _type_ok(value, hint):
+            raise UserError(f"{source}: config key {prefix}{key}: expected {_describe(hint)}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if hint is float else value
+    return cls(**kwargs)
+
+
+def _merge(base: dict, dotted: str, value) -> None:
+    node = base
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: invalid YAML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        _merge(raw, key.strip(), value)
+        source = f"{source} + overrides" if "overrides" not in source else source
+    return _build(Config, raw, "", source)
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

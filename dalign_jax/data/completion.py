@@ -1,0 +1,70 @@
+"""The completion format the model is taught: analysis (the chain of thought), then the answer.
+
+    Analysis: ...cites sections such as IB-2... Decision: refuse
+    ### Final answer
+    I'm sorry, but I can't help with that.
+
+Everything before the first ANSWER_DELIMITER line is the CoT; everything after it is what the user
+sees. RL strips the CoT before the judge sees a completion; SFT trains on both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+COT_PREFIX = "Analysis:"
+ANSWER_DELIMITER = "### Final answer"
+_SECTION_ID = re.compile(r"\b([A-Z]{2,4})-(\d{1,3})\b")
+_DECISION = re.compile(r"decision\s*[:\-]?\s*\**\s*(comply|refuse|safe[ _-]?complet\w*)", re.IGNORECASE)
+
+DISTILL_INSTRUCTIONS = f"""# How to respond
+Before answering, reason privately about the request in an analysis:
+1. Say briefly what the user is asking for.
+2. Find the sections of the specification above that apply and cite them by ID, for example
+   "IB-2 says that ...".
+3. Decide whether to comply, refuse, or give a safe completion, on a line "Decision: comply",
+   "Decision: refuse" or "Decision: safe_complete".
+4. Say which style guideline the answer must follow.
+Start the analysis with "{COT_PREFIX}". Then write a line containing only "{ANSWER_DELIMITER}", and
+after it the final answer for the user, following the style guideline. The user never sees the
+analysis, so the final answer must stand on its own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedCompletion:
+    cot: str
+    answer: str
+    status: str  # ok | no_delimiter | empty_cot | empty_answer | truncated
+    decision: str | None  # comply | refuse | safe_complete, as stated in the CoT
+    cited_sections: tuple[str, ...]
+
+
+def _decision(cot: str) -> str | None:
+    m = _DECISION.search(cot)
+    if not m:
+        return None
+    word = m.group(1).lower()
+    return "safe_complete" if word.startswith("safe") else word
+
+
+def parse_completion(text: str, finished: bool = True) -> ParsedCompletion:
+    """Split a completion into CoT and answer; `finished` is False when the length limit cut it."""
+    head, sep, tail = text.partition(ANSWER_DELIMITER)
+    cot, answer = head.strip(), tail.strip()
+    if not sep:
+        status = "truncated" if not finished else "no_delimiter"
+    elif not cot or cot == COT_PREFIX:
+        status = "empty_cot"
+    elif not answer:
+        status = "truncated" if not finished else "empty_answer"
+    elif not finished:
+        status = "truncated"
+    else:
+        status = "ok"
+    sections = tuple(dict.fromkeys(f"{a}-{b}" for a, b in _SECTION_ID.findall(cot)))
+    return ParsedCompletion(cot, answer if sep else "", status, _decision(cot), sections)
+
+
+def format_completion(cot: str, answer: str) -> str:
+    """The assistant turn SFT trains on."""
+    return f"{cot.strip()}\n{ANSWER_DELIMITER}\n{answer.strip()}"

@@ -1,0 +1,177 @@
+"""Prompt sets: our JSONL format, its validation and split, and loaders for public sets.
+
+A line: {"id": str, "category": str, "messages": [{"role", "content"}, ...],
+"expected_mode": "comply" | "refuse" | "safe_complete" (optional), "kind": str (optional)}.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+from dalign_jax.data.spec import MODES
+from dalign_jax.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+HELDOUT_PERCENT = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    id: str
+    category: str
+    messages: tuple[tuple[str, str], ...]  # (role, content), hashable
+    expected_mode: str | None = None
+    kind: str | None = None
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    def to_json(self) -> dict:
+        row = {"id": self.id, "category": self.category, "messages": self.chat()}
+        if self.expected_mode:
+            row["expected_mode"] = self.expected_mode
+        if self.kind:
+            row["kind"] = self.kind
+        return row
+
+
+def is_heldout(prompt_id: str) -> bool:
+    """The fixed split rule: a prompt is held out when the hash of its id falls in the first 20%."""
+    return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
+
+
+def split(prompts: Iterable[Prompt], part: str) -> list[Prompt]:
+    if part not in ("train", "heldout", "all"):
+        raise UserError(f"prompts.split: {part!r} must be train, heldout or all")
+    return [p for p in prompts if part == "all" or is_heldout(p.id) == (part == "heldout")]
+
+
+def _validate(row, where: str, categories: set[str]) -> Prompt:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    for field in ("id", "category", "messages"):
+        if field not in row:
+            raise UserError(f"{where}: field {field} is missing")
+    if not isinstance(row["id"], str) or not row["id"].strip():
+        raise UserError(f"{where}: field id: expected a non-empty string")
+    if row["category"] not in categories:
+        raise UserError(f"{where}: field category: unknown category {row['category']!r} "
+                        f"(the spec has: {', '.join(sorted(categories))})")
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: field messages: expected a non-empty list")
+    parsed = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: field messages[{i}]: expected {{'role': one of {ROLES}, 'content': string}}")
+        if not m["content"].strip():
+            raise UserError(f"{where}: field messages[{i}].content: empty prompt")
+        parsed.append((m["role"], m["content"]))
+    if parsed[-1][0] != "user":
+        raise UserError(f"{where}: field messages: the last message must be the user's")
+    mode = row.get("expected_mode")
+    if mode is not None and mode not in MODES:
+        raise UserError(f"{where}: field expected_mode: {mode!r} must be one of {', '.join(MODES)}")
+    return Prompt(row["id"], row["category"], tuple(parsed), mode, row.get("kind"))
+
+
+def read_prompts(path: str | Path, categories: Iterable[str]) -> list[Prompt]:
+    """Every prompt of a JSONL file, validated; errors name the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: prompts file does not exist")
+    categories = set(categories)
+    prompts, ids = [], {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: malformed JSON line: {e.msg}") from None
+        prompt = _validate(row, f"{path}:{n}", categories)
+        if prompt.id in ids:
+            raise UserError(f"{path}:{n}: field id: {prompt.id!r} repeats line {ids[prompt.id]}")
+        ids[prompt.id] = n
+        prompts.append(prompt)
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return prompts
+
+
+# Public sets hold only requests a safe assistant refuses; their categories map onto ours.
+STRONGREJECT_CATEGORIES = {
+    "Non-violent crimes": "illicit",
+    "Violence": "violence",
+    "Disinformation and deception": "illicit",
+    "Hate, harassment and discrimination": "harassment",
+    "Illegal goods and services": "illicit",
+    "Sexual content": "erotic",
+}
+# AdvBench has no categories: the first keyword rule that matches a goal decides (default: illicit).
+ADVBENCH_KEYWORDS = [
+    (r"suicide|self-harm|self harm|eating disorder|anorexi|bulimi|cut themselves", "self_harm"),
+    (r"terror|extremis|radicali|jihad", "extremism"),
+    (r"sexual|porn|explicit content|nude", "erotic"),
+    (r"hate|racis|harass|bully|cyberbully|discriminat|stalk|dox", "harassment"),
+    (r"murder|kill|assault|violen|attack|hurt|harm (a|an|someone|people)|assassinat|shoot", "violence"),
+    (r"prescription|medical advice|medication", "regulated_advice"),
+]
+
+
+def _read_csv(path: Path, column: str) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"{path}: file does not exist")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or column not in rows[0]:
+        raise UserError(f"{path}: expected a CSV with a {column!r} column")
+    return rows
+
+
+def load_strongreject(path: str | Path) -> list[Prompt]:
+    path = Path(path)
+    prompts = []
+    for n, row in enumerate(_read_csv(path, "forbidden_prompt"), 1):
+        category = STRONGREJECT_CATEGORIES.get(row.get("category", ""))
+        if category is None:
+            raise UserError(f"{path}: row {n}: field category: {row.get('category')!r} has no mapping")
+        prompts.append(Prompt(f"strongreject-{n:03d}", category, (("user", row["forbidden_prompt"]),), "refuse",
+                              "disallowed"))
+    return prompts
+
+
+def advbench_category(goal: str) -> str:
+    for pattern, category in ADVBENCH_KEYWORDS:
+        if re.search(pattern, goal, re.IGNORECASE):
+            return category
+    return "illicit"
+
+
+def load_advbench(path: str | Path) -> list[Prompt]:
+    path = Path(path)
+    return [Prompt(f"advbench-{n:03d}", advbench_category(row["goal"]), (("user", row["goal"]),), "refuse",
+                   "disallowed")
+            for n, row in enumerate(_read_csv(path, "goal"), 1)]
+
+
+def load_prompt_set(path: str | Path, categories: Iterable[str]) -> list[Prompt]:
+    """Our JSONL, or a public CSV set recognised by its columns (AdvBench `goal`, StrongREJECT
+    `forbidden_prompt`)."""
+    path = Path(path)
+    if path.suffix != ".csv":
+        return read_prompts(path, categories)
+    if not path.is_file():
+        raise UserError(f"{path}: prompts file does not exist")
+    with path.open(newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    if "forbidden_prompt" in header:
+        return load_strongreject(path)
+    if "goal" in header:
+        return load_advbench(path)
+    raise UserError(f"{path}: unknown CSV prompt set (expected a 'goal' or 'forbidden_prompt' column)")

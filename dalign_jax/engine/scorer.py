@@ -1,0 +1,84 @@
+"""Judge scoring as one compiled forward pass: the expected value of the next-token distribution
+over the score tokens ("0" ... "9"), instead of sampling text and parsing it."""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from dalign_jax.engine.sampler import PROMPT_BUCKETS, batch_bucket, bucket, left_pad
+from dalign_jax.errors import UserError
+from dalign_jax.model.config import ModelConfig
+from dalign_jax.model.transformer import forward
+from dalign_jax.parallel import mesh as mesh_lib
+
+
+def score_tokens(tokenizer, prefill: str, scale: int = 10) -> tuple[str, list[int]]:
+    """The prefill that ends just before the score and the token id of each score 0..scale-1.
+
+    Tokenizers differ in whether " 7" is one token or a space and a digit; whichever prefill
+    ("Score: " or "Score:") makes every score a single token appended to it is used.
+    """
+    for text in (prefill + " ", prefill):
+        base = tokenizer.encode(text, add_special_tokens=False)
+        ids = []
+        for value in range(scale):
+            full = tokenizer.encode(text + str(value), add_special_tokens=False)
+            if full[:len(base)] != base or len(full) != len(base) + 1:
+                break
+            ids.append(full[-1])
+        if len(ids) == scale and len(set(ids)) == scale:
+            return text, ids
+    raise UserError(f"judge tokenizer: the scores 0..{scale - 1} are not single tokens after {prefill!r}")
+
+
+def _score(params, tokens, positions, score_ids, *, cfg, on_trace):
+    on_trace()
+    logits, _ = forward(params, tokens, positions, cfg=cfg, last_only=True)
+    logp = jax.nn.log_softmax(logits[:, -1], axis=-1)
+    score_logp = logp[:, score_ids]
+    probs = jax.nn.softmax(score_logp, axis=-1)
+    expected = probs @ jnp.arange(score_ids.shape[0], dtype=jnp.float32)
+    return expected, jnp.exp(score_logp).sum(-1)
+
+
+class Scorer:
+    """Expected score per prompt, normalised to [0, 1], plus the probability mass the model put on
+    score tokens at all (low mass means the judge prompt is not being followed)."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, score_ids: Sequence[int], pad_id: int = 0,
+                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS):
+        self.cfg, self.mesh, self.pad_id = cfg, mesh, pad_id
+        self.score_ids = np.asarray(score_ids, np.int32)
+        self.prompt_buckets = tuple(prompt_buckets)
+        self.compile_count = 0
+        self._fn = None
+
+    def _count_trace(self):
+        self.compile_count += 1
+
+    def _compiled(self, params):
+        if self._fn is None:
+            batch = lambda rank: mesh_lib.batch_sharding(self.mesh, rank)  # noqa: E731
+            self._fn = jax.jit(
+                functools.partial(_score, cfg=self.cfg, on_trace=self._count_trace),
+                in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2),
+                              mesh_lib.replicated(self.mesh)),
+                out_shardings=(batch(1), batch(1)),
+            )
+        return self._fn
+
+    def score(self, params, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        if not prompts:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        length = bucket(max(len(p) for p in prompts), self.prompt_buckets, "judge prompt length")
+        if length > self.cfg.max_position:
+            raise UserError(f"judge prompt of {length} tokens exceeds the judge's context of {self.cfg.max_position}")
+        tokens, positions = left_pad(prompts, length, batch_bucket(len(prompts), self.mesh), self.pad_id)
+        expected, mass = jax.device_get(self._compiled(params)(params, tokens, positions, self.score_ids))
+        top = len(self.score_ids) - 1
+        return np.asarray(expected)[:len(prompts)] / top, np.asarray(mass)[:len(prompts)]

@@ -1,0 +1,109 @@
+"""What every stage shares: atomic files, record shards, the run header that guards resume, and
+opening the spec, mesh and models a config names."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from dalign_jax.config import Config
+from dalign_jax.errors import UserError
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write beside `path`, flush to disk, then rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def jsonl_text(records: Iterable[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def write_records(stem: Path, records: list[dict]) -> None:
+    """A shard as `stem.array_record` (for grain) and `stem.jsonl` (for people). The JSONL is written
+    last, so its presence means the shard is complete."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    final = stem.with_suffix(".array_record")
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=stem.parent)
+    os.close(fd)
+    try:
+        writer = ArrayRecordWriter(tmp, "group_size:1")
+        for r in records:
+            writer.write(json.dumps(r, ensure_ascii=False).encode("utf-8"))
+        writer.close()
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    write_atomic(stem.with_suffix(".jsonl"), jsonl_text(records))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def check_run_header(stage_dir: Path, header: dict, force: bool = False) -> None:
+    """Record what a stage's outputs depend on; refuse to resume into outputs made from other inputs."""
+    path = stage_dir / "run.json"
+    if path.is_file() and not force:
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+        if changed:
+            raise UserError(
+                f"{stage_dir}: existing outputs were made with different {', '.join(changed)}; "
+                "use a new run_dir, delete the stage directory, or pass --force to start it over"
+            )
+        return
+    if path.is_file() and force:
+        for f in stage_dir.iterdir():
+            if f.is_file():
+                f.unlink()
+    write_atomic(path, json.dumps(header, indent=2, sort_keys=True) + "\n")
+
+
+def section(config: Config, name: str) -> dict:
+    return dataclasses.asdict(getattr(config, name))
+
+
+def open_mesh(config: Config):
+    from dalign_jax.parallel import distributed
+    from dalign_jax.parallel.mesh import make_mesh
+
+    d = config.distributed
+    distributed.initialize(d.enabled, d.coordinator, d.num_processes, d.process_id)
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+
+def open_prompts(config: Config, spec) -> list:
+    from dalign_jax.data.prompts import load_prompt_set, split
+
+    prompts = split(load_prompt_set(config.prompts.path, spec.categories), config.prompts.split)
+    if config.prompts.limit:
+        prompts = prompts[:config.prompts.limit]
+    if not prompts:
+        raise UserError(f"{config.prompts.path}: no prompts in split {config.prompts.split!r}")
+    return prompts
+
+
+def ensure_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{directory}: cannot create output directory ({e.strerror})") from None
+    if not os.access(directory, os.W_OK):
+        raise UserError(f"{directory}: output directory is not writable")

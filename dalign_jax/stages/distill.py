@@ -1,0 +1,97 @@
+"""Stage: context distillation. The policy model, shown spec(category) and instructions, writes k
+analyses-plus-answers per prompt; each is parsed and recorded with the spec and model that made it.
+
+Prompts are cut into shards of `distill.shard_size`; a shard is written whole (atomically) or not at
+all, and its randomness depends only on the seed and its index, so a rerun after a crash skips the
+finished shards and produces the same records an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+from tqdm import tqdm
+
+from dalign_jax.config import Config
+from dalign_jax.data.completion import COT_PREFIX, DISTILL_INSTRUCTIONS, parse_completion
+from dalign_jax.data.spec import Spec, load_spec
+from dalign_jax.engine.chat import encode_chat, stop_token_ids
+from dalign_jax.engine.sampler import Sampler, SamplingParams
+from dalign_jax.stages.common import (check_run_header, ensure_writable, open_mesh, open_prompts, section,
+                                      write_atomic, write_records, read_jsonl)
+
+
+def distill_messages(spec: Spec, prompt) -> list[dict]:
+    """The conversation the policy sees while distilling: spec(category) and instructions first."""
+    system = f"{spec.render(prompt.category)}\n\n{DISTILL_INSTRUCTIONS}"
+    return [{"role": "system", "content": system}] + prompt.chat()
+
+
+def distill_prompt_ids(tokenizer, spec: Spec, prompt) -> list[int]:
+    # The assistant turn is started with the CoT prefix, which steers a small model into the format.
+    return encode_chat(tokenizer, distill_messages(spec, prompt)) + tokenizer.encode(COT_PREFIX,
+                                                                                     add_special_tokens=False)
+
+
+def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, key) -> list[dict]:
+    d = config.distill
+    sampling = SamplingParams(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p)
+    stops = stop_token_ids(model)
+    records = []
+    for b in range(0, len(prompts), d.batch_size):
+        batch = prompts[b:b + d.batch_size]
+        ids = [distill_prompt_ids(model.tokenizer, spec, p) for p in batch]
+        rows = [x for x in ids for _ in range(d.samples_per_prompt)]
+        out = sampler.generate(params, rows, d.max_new_tokens, jax.random.fold_in(key, b), sampling, stops)
+        for r, (tokens, stopped) in enumerate(zip(out.tokens, out.stopped)):
+            prompt = batch[r // d.samples_per_prompt]
+            text = COT_PREFIX + model.tokenizer.decode(tokens[:-1] if stopped else tokens)
+            parsed = parse_completion(text, finished=bool(stopped))
+            records.append({
+                "prompt_id": prompt.id, "sample": r % d.samples_per_prompt, "category": prompt.category,
+                "expected_mode": prompt.expected_mode, "kind": prompt.kind, "messages": prompt.chat(),
+                "completion": text, "cot": parsed.cot, "answer": parsed.answer, "parse_status": parsed.status,
+                "decision": parsed.decision, "cited_sections": list(parsed.cited_sections),
+                "spec_version": spec.version, "model_id": model.model_id,
+                "sampling": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
+                             "max_new_tokens": d.max_new_tokens, "seed": config.seed},
+            })
+    return records
+
+
+def run_distill(config: Config, force: bool = False) -> dict:
+    from dalign_jax.model.loader import load_model
+    from dalign_jax.parallel.mesh import shard_params
+
+    spec = load_spec(config.spec_dir)
+    prompts = open_prompts(config, spec)
+    out = config.run_path / "distill"
+    ensure_writable(out)
+    model = load_model(config.models.policy)
+    check_run_header(out, {"spec_version": spec.version, "model_id": model.model_id, "seed": config.seed,
+                           "prompts": section(config, "prompts"), "distill": section(config, "distill")}, force)
+    mesh = open_mesh(config)
+    params = shard_params(model.params, mesh)
+    sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
+    size = config.distill.shard_size
+    shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    key = jax.random.key(config.seed)
+    for i, shard in enumerate(tqdm(shards, desc="distill shards", unit="shard")):
+        stem = out / f"shard-{i:05d}"
+        if stem.with_suffix(".jsonl").is_file():
+            continue  # finished before a crash
+        write_records(stem, _shard_records(config, spec, model, sampler, params, shard, jax.random.fold_in(key, i)))
+    records = [r for i in range(len(shards)) for r in read_jsonl(out / f"shard-{i:05d}.jsonl")]
+    statuses: dict[str, int] = {}
+    for r in records:
+        statuses[r["parse_status"]] = statuses.get(r["parse_status"], 0) + 1
+    summary = {"records": len(records), "prompts": len(prompts), "shards": len(shards),
+               "parse_status": statuses, "spec_version": spec.version, "model_id": model.model_id,
+               "compilations": sampler.compile_count, "complete": True}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def distill_shards(config: Config) -> list:
+    """The finished shards' JSONL paths, in order."""
+    return sorted((config.run_path / "distill").glob("shard-*.jsonl"))
