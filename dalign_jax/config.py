@@ -48,7 +48,11 @@ class Prompts:
 @dataclasses.dataclass
 class Distill:
     samples_per_prompt: int = 2  # k completions per prompt
-    max_new_tokens: int = 192
+    cot_tokens: int = 128  # limit for the analysis
+    answer_tokens: int = 128  # limit for the final answer
+    # Write the answer delimiter after the analysis ourselves and sample the answer in a second pass,
+    # so that a small model's completions always have both parts; false: one pass, parsed as written.
+    force_format: bool = True
     temperature: float = 0.8
     top_k: int = 0
     top_p: float = 0.95

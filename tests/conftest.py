@@ -18,7 +18,7 @@ needs_default_model = pytest.mark.skipif(not HAS_DEFAULT_MODEL, reason="llm-smol
 
 # Tiny configurations of every supported family: dimensions divisible by 8 so every mesh layout splits.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
 FAMILIES = {
     "llama2": ("LlamaConfig", dict(TINY)),
     "llama3": ("LlamaConfig", dict(TINY, rope_theta=500000.0, rope_scaling={

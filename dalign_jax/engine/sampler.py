@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from dalign_jax.errors import UserError
 from dalign_jax.model.config import ModelConfig
-from dalign_jax.model.transformer import KVCache, forward
+from dalign_jax.model.transformer import KVCache, forward, prefill_prefix
 from dalign_jax.parallel import mesh as mesh_lib
 
 # About 1.5x apart: a prompt is padded by at most a third, at the price of a few more compilations.
@@ -81,16 +81,54 @@ def _largest_threshold(keys: jax.Array, holds) -> jax.Array:
     return jax.lax.fori_loop(0, 32, step, (lo, hi))[0]
 
 
-def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int, pad_id: int):
-    """Tokens and positions [rows, length], prompts right-aligned; padding has position -1. Rows past
-    the prompts hold one real token, so their arithmetic stays finite."""
+def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int, pad_id: int, offset: int = 0):
+    """Tokens and positions [rows, length], prompts right-aligned and numbered from `offset` (the
+    length of a shared prefix before them); padding has position -1. Rows past the prompts hold one
+    real token, so their arithmetic stays finite."""
     tokens = np.full((rows, length), pad_id, np.int32)
     positions = np.full((rows, length), -1, np.int32)
     for i, p in enumerate(prompts):
         tokens[i, length - len(p):] = p
-        positions[i, length - len(p):] = np.arange(len(p))
-    positions[len(prompts):, -1] = 0
+        positions[i, length - len(p):] = offset + np.arange(len(p))
+    positions[len(prompts):, -1] = offset
     return tokens, positions
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one token of its own."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = min(n, next((i for i, (a, b) in enumerate(zip(first, p)) if a != b), n))
+    return max(n, 0)
+
+
+class PrefixCache:
+    """KV of shared prompt prefixes (a spec and its instructions), computed once and reused.
+
+    The paper's policies run to thousands of tokens and every distill and judge input of a category
+    begins with the same one: with this, the cost grows with the prompts, not the spec.
+    """
+
+    def __init__(self, cfg: ModelConfig, buckets: Sequence[int], pad_id: int, max_entries: int = 16):
+        self.cfg, self.buckets, self.pad_id, self.max_entries = cfg, buckets, pad_id, max_entries
+        self._entries: dict[tuple[int, ...], tuple] = {}
+        self._fn = jax.jit(functools.partial(prefill_prefix, cfg=cfg))
+        self.hits = self.misses = 0
+
+    def get(self, params, prefix: Sequence[int]):
+        key = tuple(int(t) for t in prefix)
+        if key in self._entries:
+            self.hits += 1
+            self._entries[key] = self._entries.pop(key)  # most recently used last
+            return self._entries[key]
+        self.misses += 1
+        tokens, positions = left_pad([key], bucket(len(key), self.buckets, "shared prefix length"), 1, self.pad_id)
+        parts = self._fn(params, tokens, positions)
+        self._entries[key] = parts
+        while len(self._entries) > self.max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        return parts
 
 
 def batch_bucket(n: int, mesh: Mesh) -> int:
@@ -131,11 +169,11 @@ def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> tup
     return token.astype(jnp.int32), token_logp
 
 
-def _generate(params, tokens, positions, max_new, stop, key, *, cfg: ModelConfig, sampling: SamplingParams,
+def _generate(params, tokens, positions, max_new, stop, key, prefix, *, cfg: ModelConfig, sampling: SamplingParams,
               new_slots: int, pad_id: int, on_trace):
     on_trace()  # runs once per compilation, never at run time
     batch, prompt_len = tokens.shape
-    cache = KVCache.empty(cfg, batch, prompt_len + new_slots, dtype=params["embed"].dtype)
+    cache = KVCache.empty(cfg, batch, prompt_len + new_slots, dtype=params["embed"].dtype, prefix=prefix)
     logits, cache = forward(params, tokens, positions, cache, cfg=cfg, last_only=True)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
     active = max_new > 0
@@ -180,12 +218,17 @@ class Sampler:
     """Samples continuations of token prompts with one model architecture over one mesh."""
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh, pad_id: int = 0,
-                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS, new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS):
+                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS, new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
+                 prefix_min_tokens: int = 256):
+        """Prompts of one call that share at least `prefix_min_tokens` leading tokens get that prefix
+        computed once (and cached across calls); 0 switches prefix sharing off."""
         self.cfg = cfg
         self.mesh = mesh
         self.pad_id = pad_id
         self.prompt_buckets = tuple(prompt_buckets)
         self.new_token_buckets = tuple(new_token_buckets)
+        self.prefix_min_tokens = prefix_min_tokens
+        self.prefixes = PrefixCache(cfg, self.prompt_buckets, pad_id)
         self.compile_count = 0
         self._compiled = {}
 
@@ -200,7 +243,7 @@ class Sampler:
                 functools.partial(_generate, cfg=self.cfg, sampling=sampling, new_slots=new_slots,
                                   pad_id=self.pad_id, on_trace=self._count_trace),
                 in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2), batch(1), batch(2),
-                              mesh_lib.replicated(self.mesh)),
+                              mesh_lib.replicated(self.mesh), mesh_lib.replicated(self.mesh)),
                 out_shardings=(batch(2), batch(2), batch(1), batch(1)),
             )
         return self._compiled[key]
@@ -228,13 +271,18 @@ class Sampler:
             [list(stop_tokens)] * n
         if len(per_row_stops) != n:
             raise UserError(f"sampler: {len(per_row_stops)} stop lists for {n} prompts")
-        prompt_len = bucket(max(len(p) for p in prompts), self.prompt_buckets, "prompt length")
+        shared = shared_prefix_length(prompts) if self.prefix_min_tokens else 0
+        shared = shared if shared >= self.prefix_min_tokens else 0
+        prefix = self.prefixes.get(params, prompts[0][:shared]) if shared else None
+        own = [p[shared:] for p in prompts]
+        prompt_len = bucket(max(len(p) for p in own), self.prompt_buckets, "prompt length")
         new_slots = bucket(int(limits.max()), self.new_token_buckets, "max_new_tokens")
-        if prompt_len + new_slots > self.cfg.max_position:
-            raise UserError(f"sampler: prompt of {prompt_len} plus {new_slots} new tokens exceeds the model's "
-                            f"context of {self.cfg.max_position}")
+        context = shared + max(len(p) for p in own) + new_slots
+        if context > self.cfg.max_position:
+            raise UserError(f"sampler: prompt of {context - new_slots} plus {new_slots} new tokens exceeds the "
+                            f"model's context of {self.cfg.max_position}")
         rows = batch_bucket(n, self.mesh)
-        tokens, positions = left_pad(prompts, prompt_len, rows, self.pad_id)
+        tokens, positions = left_pad(own, prompt_len, rows, self.pad_id, offset=shared)
         max_new = np.zeros(rows, np.int32)
         max_new[:n] = limits
         width = max(1, max(len(s) for s in per_row_stops))
@@ -242,7 +290,7 @@ class Sampler:
         for i, s in enumerate(per_row_stops):
             stop[i, :len(s)] = s
         fn = self._fn(params, sampling, new_slots)
-        out = jax.device_get(fn(params, tokens, positions, max_new, stop, key))
+        out = jax.device_get(fn(params, tokens, positions, max_new, stop, key, prefix))
         out_tokens, out_logp, lengths, stopped = (np.asarray(x) for x in out)
         return SampleOutput(
             tokens=[out_tokens[i, :lengths[i]] for i in range(n)],

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from dalign_jax.engine.sampler import PROMPT_BUCKETS, batch_bucket, bucket, left_pad
+from dalign_jax.engine.sampler import PROMPT_BUCKETS, PrefixCache, batch_bucket, bucket, left_pad, shared_prefix_length
 from dalign_jax.errors import UserError
 from dalign_jax.model.config import ModelConfig
-from dalign_jax.model.transformer import forward
+from dalign_jax.model.transformer import KVCache, forward
 from dalign_jax.parallel import mesh as mesh_lib
 
 
@@ -36,9 +36,10 @@ def score_tokens(tokenizer, prefill: str, scale: int = 10) -> tuple[str, list[in
     raise UserError(f"judge tokenizer: the scores 0..{scale - 1} are not single tokens after {prefill!r}")
 
 
-def _score(params, tokens, positions, score_ids, *, cfg, on_trace):
+def _score(params, tokens, positions, score_ids, prefix, *, cfg, on_trace):
     on_trace()
-    logits, _ = forward(params, tokens, positions, cfg=cfg, last_only=True)
+    cache = KVCache.empty(cfg, tokens.shape[0], tokens.shape[1], dtype=params["embed"].dtype, prefix=prefix)
+    logits, _ = forward(params, tokens, positions, cache, cfg=cfg, last_only=True)
     logp = jax.nn.log_softmax(logits[:, -1], axis=-1)
     score_logp = logp[:, score_ids]
     probs = jax.nn.softmax(score_logp, axis=-1)
@@ -51,10 +52,14 @@ class Scorer:
     score tokens at all (low mass means the judge prompt is not being followed)."""
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh, score_ids: Sequence[int], pad_id: int = 0,
-                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS):
+                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS, prefix_min_tokens: int = 256):
+        """Prompts of one call sharing `prefix_min_tokens` leading tokens (the spec) share their KV;
+        0 switches that off."""
         self.cfg, self.mesh, self.pad_id = cfg, mesh, pad_id
         self.score_ids = np.asarray(score_ids, np.int32)
         self.prompt_buckets = tuple(prompt_buckets)
+        self.prefix_min_tokens = prefix_min_tokens
+        self.prefixes = PrefixCache(cfg, self.prompt_buckets, pad_id)
         self.compile_count = 0
         self._fn = None
 
@@ -67,7 +72,7 @@ class Scorer:
             self._fn = jax.jit(
                 functools.partial(_score, cfg=self.cfg, on_trace=self._count_trace),
                 in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2),
-                              mesh_lib.replicated(self.mesh)),
+                              mesh_lib.replicated(self.mesh), mesh_lib.replicated(self.mesh)),
                 out_shardings=(batch(1), batch(1)),
             )
         return self._fn
@@ -75,10 +80,16 @@ class Scorer:
     def score(self, params, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         if not prompts:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        length = bucket(max(len(p) for p in prompts), self.prompt_buckets, "judge prompt length")
-        if length > self.cfg.max_position:
-            raise UserError(f"judge prompt of {length} tokens exceeds the judge's context of {self.cfg.max_position}")
-        tokens, positions = left_pad(prompts, length, batch_bucket(len(prompts), self.mesh), self.pad_id)
-        expected, mass = jax.device_get(self._compiled(params)(params, tokens, positions, self.score_ids))
+        longest = max(len(p) for p in prompts)
+        if longest > self.cfg.max_position:
+            raise UserError(f"judge prompt of {longest} tokens exceeds the judge's context of {self.cfg.max_position}")
+        shared = shared_prefix_length(prompts) if self.prefix_min_tokens else 0
+        shared = shared if shared >= self.prefix_min_tokens else 0
+        prefix = self.prefixes.get(params, prompts[0][:shared]) if shared else None
+        own = [p[shared:] for p in prompts]
+        length = bucket(max(len(p) for p in own), self.prompt_buckets, "judge prompt length")
+        tokens, positions = left_pad(own, length, batch_bucket(len(prompts), self.mesh), self.pad_id, offset=shared)
+        fn = self._compiled(params)
+        expected, mass = jax.device_get(fn(params, tokens, positions, self.score_ids, prefix))
         top = len(self.score_ids) - 1
         return np.asarray(expected)[:len(prompts)] / top, np.asarray(mass)[:len(prompts)]

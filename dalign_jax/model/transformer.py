@@ -24,19 +24,28 @@ Params = dict
 
 
 class KVCache(NamedTuple):
+    """Keys and values per layer. A shared prefix (one spec, many prompts) is held once, unbatched,
+    in `prefix_*`: every row attends to it, and it is never copied per row."""
+
     k: tuple[jax.Array, ...]  # per layer [batch, kv_heads, slots, head_dim]
     v: tuple[jax.Array, ...]  # per layer [batch, kv_heads, slots, head_dim]
     positions: jax.Array  # [batch, slots] int32; -1 marks an empty slot
     index: jax.Array  # int32 scalar: the next slot to write
+    prefix_k: tuple[jax.Array, ...] | None = None  # per layer [kv_heads, prefix, head_dim]
+    prefix_v: tuple[jax.Array, ...] | None = None
+    prefix_positions: jax.Array | None = None  # [prefix] int32; -1 marks padding
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32, prefix=None) -> "KVCache":
+        """`prefix`: (k, v, positions) from `prefill_prefix`, shared by every row."""
         shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        prefix = prefix or (None, None, None)
         return cls(
             k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             positions=jnp.full((batch, slots), -1, jnp.int32),
             index=jnp.zeros((), jnp.int32),
+            prefix_k=prefix[0], prefix_v=prefix[1], prefix_positions=prefix[2],
         )
 
 
@@ -83,18 +92,32 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
     return visible
 
 
-def _attend(q, k, v, mask):
-    """Grouped-query attention. q: [batch, kv_heads, group*time, head_dim]; k, v: [batch, kv_heads,
-    slots, head_dim] (the layout in which both products are plain batched matmuls); mask: [batch, 1,
-    group*time, slots]."""
+def _attend(q, blocks):
+    """Grouped-query attention over key/value blocks, joined at the score level (never copied).
+
+    q: [batch, kv_heads, group*time, head_dim]. Each block is (k, v, mask): k, v are [batch, kv_heads,
+    slots, head_dim] (per-row) or [kv_heads, slots, head_dim] (shared by all rows), the layouts in which
+    both products are plain matmuls; mask is [batch, 1, group*time, slots].
+    """
     q = q.astype(jnp.float32) / np.sqrt(q.shape[-1])
-    scores = jnp.where(mask, jnp.einsum("bkqd,bksd->bkqs", q, k.astype(jnp.float32)), -1e30)
-    return jnp.einsum("bkqs,bksd->bkqd", jax.nn.softmax(scores, axis=-1), v.astype(jnp.float32))
+    scores = []
+    for k, _, mask in blocks:
+        spec = "bkqd,ksd->bkqs" if k.ndim == 3 else "bkqd,bksd->bkqs"
+        scores.append(jnp.where(mask, jnp.einsum(spec, q, k.astype(jnp.float32)), -1e30))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out, start = 0.0, 0
+    for (k, v, _), s in zip(blocks, scores):
+        p = probs[..., start:start + s.shape[-1]]
+        start += s.shape[-1]
+        spec = "bkqs,ksd->bkqd" if v.ndim == 3 else "bkqs,bksd->bkqd"
+        out = out + jnp.einsum(spec, p, v.astype(jnp.float32))
+    return out
 
 
-def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, mask, cache_kv):
+def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, mask, cache_kv, prefix_kv):
     """One decoder block; returns the new residual stream and this layer's keys and values (the
-    cache with the new tokens written in, or the new tokens' own when there is no cache)."""
+    cache with the new tokens written in, or the new tokens' own when there is no cache).
+    `prefix_kv` is (k, v, mask) of a shared prefix, or None."""
     b, t, _ = x.shape
     dtype = x.dtype
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
@@ -121,7 +144,7 @@ def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, mask, cache_kv):
         ck, cv, index = cache_kv
         k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
         v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
-    attn = _attend(q, k, v, mask)
+    attn = _attend(q, ([prefix_kv] if prefix_kv is not None else []) + [(k, v, mask)])
     attn = attn.reshape(b, cfg.num_kv_heads, group, t, cfg.head_dim).transpose(0, 3, 1, 2, 4)
     attn = attn.reshape(b, t, cfg.num_heads * cfg.head_dim)
     x = x + (attn.astype(dtype) @ lp["wo"].astype(dtype))
@@ -159,15 +182,21 @@ def forward(
     else:
         key_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
     # [b, t, s] -> [b, 1, group*t, s], matching the query layout of `_layer`.
-    mask = jnp.tile(attention_mask(positions, key_positions, cfg.sliding_window), (1, group, 1))[:, None]
+    expand = lambda m: jnp.tile(m, (1, group, 1))[:, None]  # noqa: E731
+    mask = expand(attention_mask(positions, key_positions, cfg.sliding_window))
+    shared = cache is not None and cache.prefix_k is not None
+    if shared:
+        prefix_positions = jnp.broadcast_to(cache.prefix_positions, (tokens.shape[0],) + cache.prefix_positions.shape)
+        prefix_mask = expand(attention_mask(positions, prefix_positions, cfg.sliding_window))
 
     new_k, new_v = [], []
     for i, lp in enumerate(params["layers"]):
         cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-        x, k, v = _layer(cfg, inv_freq, x, positions, lp, mask, cache_kv)
+        prefix_kv = (cache.prefix_k[i], cache.prefix_v[i], prefix_mask) if shared else None
+        x, k, v = _layer(cfg, inv_freq, x, positions, lp, mask, cache_kv, prefix_kv)
         new_k.append(k)
         new_v.append(v)
-    new_cache = None if cache is None else KVCache(
+    new_cache = None if cache is None else cache._replace(
         k=tuple(new_k), v=tuple(new_v), positions=key_positions, index=cache.index + tokens.shape[1])
 
     if last_only:
@@ -176,6 +205,13 @@ def forward(
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     logits = (x @ head.astype(dtype)).astype(jnp.float32)
     return logits, new_cache
+
+
+def prefill_prefix(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: ModelConfig):
+    """(k, v, positions) of one shared prefix [1, length], to pass to `KVCache.empty(prefix=...)`."""
+    _, cache = forward(params, tokens, positions, KVCache.empty(cfg, 1, tokens.shape[1],
+                                                                 dtype=params["embed"].dtype), cfg=cfg, last_only=True)
+    return tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v), cache.positions[0]
 
 
 def param_shapes(cfg: ModelConfig) -> Params:

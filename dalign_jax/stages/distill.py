@@ -13,7 +13,7 @@ import jax
 from tqdm import tqdm
 
 from dalign_jax.config import Config
-from dalign_jax.data.completion import COT_PREFIX, DISTILL_INSTRUCTIONS, parse_completion
+from dalign_jax.data.completion import ANSWER_DELIMITER, COT_PREFIX, DISTILL_INSTRUCTIONS, parse_completion
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler, SamplingParams
@@ -37,16 +37,33 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
     d = config.distill
     sampling = SamplingParams(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p)
     stops = stop_token_ids(model)
+    # Batches hold one category each, so their inputs share spec(category) as a cached prefix.
+    batches = []
+    for category in dict.fromkeys(p.category for p in prompts):
+        group = [p for p in prompts if p.category == category]
+        batches.extend(group[b:b + d.batch_size] for b in range(0, len(group), d.batch_size))
     records = []
-    for b in range(0, len(prompts), d.batch_size):
-        batch = prompts[b:b + d.batch_size]
-        ids = [distill_prompt_ids(model.tokenizer, spec, p) for p in batch]
+    tok = model.tokenizer
+    for b, batch in enumerate(batches):
+        ids = [distill_prompt_ids(tok, spec, p) for p in batch]
         rows = [x for x in ids for _ in range(d.samples_per_prompt)]
-        out = sampler.generate(params, rows, d.max_new_tokens, jax.random.fold_in(key, b), sampling, stops)
-        for r, (tokens, stopped) in enumerate(zip(out.tokens, out.stopped)):
+        key_b = jax.random.fold_in(key, b)
+        limit = d.cot_tokens if d.force_format else d.cot_tokens + d.answer_tokens
+        out = sampler.generate(params, rows, limit, key_b, sampling, stops)
+        texts = [COT_PREFIX + tok.decode(t[:-1] if s else t) for t, s in zip(out.tokens, out.stopped)]
+        finished = [bool(s) for s in out.stopped]
+        if d.force_format:
+            cots = [t.partition(ANSWER_DELIMITER)[0].rstrip() for t in texts]
+            answer_rows = [r + tok.encode(c[len(COT_PREFIX):] + f"\n{ANSWER_DELIMITER}\n", add_special_tokens=False)
+                           for r, c in zip(rows, cots)]
+            answers = sampler.generate(params, answer_rows, d.answer_tokens, jax.random.fold_in(key_b, 1 << 20),
+                                       sampling, stops)
+            texts = [f"{c}\n{ANSWER_DELIMITER}\n" + tok.decode(t[:-1] if s else t)
+                     for c, t, s in zip(cots, answers.tokens, answers.stopped)]
+            finished = [bool(s) for s in answers.stopped]
+        for r, (text, done) in enumerate(zip(texts, finished)):
             prompt = batch[r // d.samples_per_prompt]
-            text = COT_PREFIX + model.tokenizer.decode(tokens[:-1] if stopped else tokens)
-            parsed = parse_completion(text, finished=bool(stopped))
+            parsed = parse_completion(text, finished=done)
             records.append({
                 "prompt_id": prompt.id, "sample": r % d.samples_per_prompt, "category": prompt.category,
                 "expected_mode": prompt.expected_mode, "kind": prompt.kind, "messages": prompt.chat(),
@@ -54,7 +71,8 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
                 "decision": parsed.decision, "cited_sections": list(parsed.cited_sections),
                 "spec_version": spec.version, "model_id": model.model_id,
                 "sampling": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
-                             "max_new_tokens": d.max_new_tokens, "seed": config.seed},
+                             "cot_tokens": d.cot_tokens, "answer_tokens": d.answer_tokens,
+                             "force_format": d.force_format, "seed": config.seed},
             })
     return records
 

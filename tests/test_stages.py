@@ -1,0 +1,152 @@
+"""Distill and judge on a tiny model and a small spec: records, resume after a kill, the filter."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dalign_jax.config import load_config
+from dalign_jax.data.spec import load_spec
+from dalign_jax.engine.scorer import Scorer, score_tokens
+from dalign_jax.errors import UserError
+from dalign_jax.model.loader import load_model
+from dalign_jax.model.transformer import forward
+from dalign_jax.parallel.mesh import make_mesh
+from dalign_jax.stages.distill import run_distill
+from dalign_jax.stages.judge import judge_messages, run_judge, select
+
+MINI_POLICY = """# {title}
+ID: {prefix}
+Summary: {title} in brief.
+## Definitions
+- **Thing**: a thing.
+## Rules
+### {prefix}-1 [comply] Allowed
+Allowed things.
+### {prefix}-2 [refuse] Disallowed
+Disallowed things.
+"""
+
+
+@pytest.fixture
+def mini_run(tmp_path, tiny_chat_model):
+    spec = tmp_path / "spec"
+    spec.mkdir()
+    (spec / "manifest.yaml").write_text("categories:\n  alpha: a.md\n  beta: b.md\nstyle: style.md\n")
+    (spec / "a.md").write_text(MINI_POLICY.format(title="Alpha", prefix="AL"))
+    (spec / "b.md").write_text(MINI_POLICY.format(title="Beta", prefix="BE"))
+    (spec / "style.md").write_text("# Style\nBe brief.")
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"p{i}", "category": "alpha" if i % 2 else "beta", "expected_mode": "comply",
+             "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(6)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""run_dir: {tmp_path / 'run'}
+spec_dir: {spec}
+models: {{policy: {tiny_chat_model}, judge: {tiny_chat_model}}}
+prompts: {{path: {prompts}, split: all}}
+distill: {{samples_per_prompt: 2, cot_tokens: 8, answer_tokens: 8, temperature: 1.0, batch_size: 2, shard_size: 1}}
+judge: {{runs: 2, threshold: 0.0, best_of_n: 1, batch_size: 4}}
+""")
+    return config
+
+
+def test_distill_records_and_judge_output(mini_run):
+    config = load_config(mini_run)
+    summary = run_distill(config)
+    assert summary["records"] == 12 and summary["shards"] == 6
+    records = [json.loads(x) for f in sorted((config.run_path / "distill").glob("shard-*.jsonl"))
+               for x in f.read_text().splitlines()]
+    spec = load_spec(config.spec_dir)
+    assert {r["spec_version"] for r in records} == {spec.version}
+    assert all(r["model_id"].startswith(str(config.models.policy)) for r in records)
+    assert sorted((r["prompt_id"], r["sample"]) for r in records) == sorted((f"p{i}", s) for i in range(6) for s in (0, 1))
+    assert all(r["completion"].startswith("Analysis:") and "### Final answer" in r["completion"] for r in records)
+    assert (config.run_path / "distill" / "shard-00000.array_record").is_file()
+
+    judged = run_judge(config)
+    assert judged["completions"] == 12 and judged["complete"]
+    scored = [json.loads(x) for f in sorted((config.run_path / "judge").glob("scored-*.jsonl"))
+              for x in f.read_text().splitlines()]
+    for r in scored:
+        if r["score"] is not None:
+            assert len(r["judge_scores"]) == 2 and r["score"] == min(r["judge_scores"])
+    sft = [json.loads(x) for x in (config.run_path / "judge" / "sft.jsonl").read_text().splitlines()]
+    assert len(sft) == judged["kept"] and len({r["prompt_id"] for r in sft}) == len(sft)  # best_of_n = 1
+    spec_lines = {line.strip() for line in spec.render("alpha").splitlines() + spec.render("beta").splitlines()
+                  if len(line.strip()) > 8}
+    for r in sft:
+        assert r["messages"][-1]["role"] == "assistant"
+        prompt_text = "\n".join(m["content"] for m in r["messages"][:-1])
+        assert not any(line in prompt_text for line in spec_lines)
+    assert json.loads((config.run_path / "judge" / "summary.json").read_text())["kept"] == len(sft)
+
+
+def test_distill_resumes_after_a_kill_without_duplicates_or_gaps(mini_run, tmp_path):
+    config = load_config(mini_run)
+    reference = load_config(mini_run, [f"run_dir={tmp_path / 'reference'}"])
+    run_distill(reference)
+    proc = subprocess.Popen([sys.executable, "-m", "dalign_jax.cli", "distill", str(mini_run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = config.run_path / "distill" / "shard-00000.jsonl"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (config.run_path / "distill").glob("shard-*.jsonl"))
+    assert 0 < len(done) < 6, done  # killed mid-stage
+    assert not any(p.name.endswith(".jsonl") and p.name.startswith(".") for p in first.parent.iterdir()
+                   if p.suffix == ".jsonl")
+    run_distill(config)
+    read = lambda d: [f.read_text() for f in sorted((d / "distill").glob("shard-*.jsonl"))]  # noqa: E731
+    assert read(config.run_path) == read(reference.run_path)
+
+
+def test_resume_with_changed_config_is_refused_unless_forced(mini_run):
+    run_distill(load_config(mini_run))
+    with pytest.raises(UserError, match="different distill"):
+        run_distill(load_config(mini_run, ["distill.temperature=0.5"]))
+    assert run_distill(load_config(mini_run, ["distill.temperature=0.5"]), force=True)["records"] == 12
+
+
+def test_judge_needs_a_finished_distillation(mini_run):
+    with pytest.raises(UserError, match="run `dalign distill` first"):
+        run_judge(load_config(mini_run))
+
+
+def test_filter_rule_threshold_then_best_of_n():
+    rows = [{"prompt_id": "a", "sample": 0, "score": 0.9}, {"prompt_id": "a", "sample": 1, "score": 0.7},
+            {"prompt_id": "a", "sample": 2, "score": 0.95}, {"prompt_id": "b", "sample": 0, "score": 0.2},
+            {"prompt_id": "c", "sample": 0, "score": None}]
+    kept = select(rows, threshold=0.5, best_of_n=2)
+    assert [(r["prompt_id"], r["sample"]) for r in kept] == [("a", 2), ("a", 0)]
+
+
+def test_scorer_is_the_expected_score_under_the_next_token_distribution(tiny_chat_model):
+    model = load_model(str(tiny_chat_model))
+    prefill, ids = score_tokens(model.tokenizer, "Score:")
+    assert prefill == "Score: " and len(ids) == 10
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    scores, _ = Scorer(model.cfg, make_mesh(devices=jax.devices()[:1]), ids).score(model.params, prompts)
+    for prompt, score in zip(prompts, scores):
+        logits, _ = forward(model.params, np.array([prompt]), np.arange(len(prompt))[None], cfg=model.cfg)
+        p = jax.nn.softmax(np.asarray(logits[0, -1])[ids])
+        assert abs(score - float(np.dot(p, np.arange(10))) / 9) < 1e-5
+
+
+def test_judge_input_without_cot_never_contains_it():
+    spec = load_spec(Path(__file__).resolve().parents[1] / "specs")
+    conversation = [{"role": "user", "content": "hello"}]
+    with_cot = judge_messages(spec, "violence", conversation, "Hi!", cot="SECRET REASONING", expected_mode="comply")
+    without = judge_messages(spec, "violence", conversation, "Hi!", expected_mode="comply")
+    assert "SECRET REASONING" in with_cot[1]["content"] and "SECRET REASONING" not in json.dumps(without)
+    assert "another reviewer judged the ideal response to be to comply" in without[1]["content"]
+    assert judge_messages(spec, "violence", conversation, "x", variant=0) != judge_messages(
+        spec, "violence", conversation, "x", variant=1)
