@@ -116,6 +116,9 @@ class PrefixCache:
         self._fn = jax.jit(functools.partial(prefill_prefix, cfg=cfg))
         self.hits = self.misses = 0
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def get(self, params, prefix: Sequence[int]):
         key = tuple(int(t) for t in prefix)
         if key in self._entries:
