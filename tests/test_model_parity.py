@@ -57,3 +57,16 @@ def test_export_reimport_is_bit_identical_and_transformers_agrees(tiny_models, f
         ref = hf_logits(loaded.eval(), tokens, mask)
     real = mask.astype(bool)
     assert np.abs(our_logits(model, tokens, positions)[real] - ref[real]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama2", "mistral"])
+def test_long_padded_batch_crosses_attention_chunks(tiny_models, family):
+    from dalign_jax.model.transformer import ATTENTION_CHUNK
+
+    directory, torch_model = tiny_models[family]
+    model = load_model(str(directory))
+    lengths = [ATTENTION_CHUNK * 2 + 37, ATTENTION_CHUNK + 5]
+    tokens, mask, positions = padded_batch(model.cfg.vocab_size, lengths, seed=6)
+    real = mask.astype(bool)
+    ref = hf_logits(torch_model, tokens, mask)
+    assert np.abs(our_logits(model, tokens, positions)[real] - ref[real]).max() <= 1e-4

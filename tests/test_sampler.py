@@ -113,3 +113,12 @@ def test_bad_requests_are_errors(model, sampler):
         sampler.generate(model.params, [[1], []], 4, jax.random.key(0))
     with pytest.raises(UserError, match="context"):
         sampler.generate(model.params, [[1] * 4090], 64, jax.random.key(0))
+
+
+def test_long_prompt_prefill_in_chunks_matches_reference(model, sampler):
+    from dalign_jax.model.transformer import ATTENTION_CHUNK
+
+    prompt = list(np.random.default_rng(1).integers(1, 250, ATTENTION_CHUNK + 100))
+    out = sampler.generate(model.params, [prompt, prompt[:50]], 4, jax.random.key(0), GREEDY)
+    assert out.tokens[0].tolist() == reference_greedy(model, prompt, 4)[0]
+    assert out.tokens[1].tolist() == reference_greedy(model, prompt[:50], 4)[0]

@@ -22,9 +22,10 @@ from dalign_jax.model.config import ModelConfig
 from dalign_jax.model.transformer import KVCache, forward, prefill_prefix
 from dalign_jax.parallel import mesh as mesh_lib
 
-# About 1.5x apart: a prompt is padded by at most a third, at the price of a few more compilations.
-PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192,
-                  12288, 16384, 24576, 32768)
+# At most about 1.5x apart (1.25x above 512 tokens, where judge inputs live): a prompt is padded by at
+# most a third, at the price of a few more compilations.
+PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072,
+                  4096, 5120, 6144, 8192, 10240, 12288, 16384, 20480, 24576, 32768)
 NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -177,7 +178,7 @@ def _generate(params, tokens, positions, max_new, stop, key, prefix, *, cfg: Mod
     on_trace()  # runs once per compilation, never at run time
     batch, prompt_len = tokens.shape
     cache = KVCache.empty(cfg, batch, prompt_len + new_slots, dtype=params["embed"].dtype, prefix=prefix)
-    logits, cache = forward(params, tokens, positions, cache, cfg=cfg, last_only=True)
+    logits, cache = forward(params, tokens, positions, cache, cfg=cfg, last_only=True, fresh_cache=True)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
     active = max_new > 0
 

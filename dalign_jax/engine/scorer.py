@@ -39,7 +39,7 @@ def score_tokens(tokenizer, prefill: str, scale: int = 10) -> tuple[str, list[in
 def _score(params, tokens, positions, score_ids, prefix, *, cfg, on_trace):
     on_trace()
     cache = KVCache.empty(cfg, tokens.shape[0], tokens.shape[1], dtype=params["embed"].dtype, prefix=prefix)
-    logits, _ = forward(params, tokens, positions, cache, cfg=cfg, last_only=True)
+    logits, _ = forward(params, tokens, positions, cache, cfg=cfg, last_only=True, fresh_cache=True)
     logp = jax.nn.log_softmax(logits[:, -1], axis=-1)
     score_logp = logp[:, score_ids]
     probs = jax.nn.softmax(score_logp, axis=-1)

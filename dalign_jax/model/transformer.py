@@ -92,32 +92,53 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
     return visible
 
 
+# Prefill attention runs in query chunks of this many tokens, each against the keys up to its end:
+# causal attention needs no more, and the score matrix never exists whole.
+ATTENTION_CHUNK = 512
+
+
 def _attend(q, blocks):
     """Grouped-query attention over key/value blocks, joined at the score level (never copied).
 
-    q: [batch, kv_heads, group*time, head_dim]. Each block is (k, v, mask): k, v are [batch, kv_heads,
-    slots, head_dim] (per-row) or [kv_heads, slots, head_dim] (shared by all rows), the layouts in which
-    both products are plain matmuls; mask is [batch, 1, group*time, slots].
+    q: [batch, kv_heads, group, time, head_dim]. Each block is (k, v, mask): k, v are [batch, kv_heads,
+    slots, head_dim] (per row) or [kv_heads, slots, head_dim] (shared by all rows), layouts in which
+    both products are plain batched matmuls; mask is [batch, 1, 1, time, slots].
     """
     q = q.astype(jnp.float32) / np.sqrt(q.shape[-1])
     scores = []
     for k, _, mask in blocks:
-        spec = "bkqd,ksd->bkqs" if k.ndim == 3 else "bkqd,bksd->bkqs"
+        spec = "bkgtd,ksd->bkgts" if k.ndim == 3 else "bkgtd,bksd->bkgts"
         scores.append(jnp.where(mask, jnp.einsum(spec, q, k.astype(jnp.float32)), -1e30))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
     for (k, v, _), s in zip(blocks, scores):
         p = probs[..., start:start + s.shape[-1]]
         start += s.shape[-1]
-        spec = "bkqs,ksd->bkqd" if v.ndim == 3 else "bkqs,bksd->bkqd"
+        spec = "bkgts,ksd->bkgtd" if v.ndim == 3 else "bkgts,bksd->bkgtd"
         out = out + jnp.einsum(spec, p, v.astype(jnp.float32))
     return out
 
 
-def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, mask, cache_kv, prefix_kv):
+def _attend_causal(q, k, v, mask, prefix_blocks):
+    """Attention of new tokens to themselves (slot order is time order) and to shared prefix blocks,
+    in query chunks that skip the keys after each chunk's end."""
+    t = q.shape[3]
+    outs = []
+    for a in range(0, t, ATTENTION_CHUNK):
+        end = min(a + ATTENTION_CHUNK, t)
+        blocks = [(pk, pv, pm[..., a:end, :]) for pk, pv, pm in prefix_blocks]
+        blocks.append((k[:, :, :end], v[:, :, :end], mask[..., a:end, :end]))
+        outs.append(_attend(q[:, :, :, a:end], blocks))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+
+
+def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, mask, cache_kv, prefix_kv, fresh):
     """One decoder block; returns the new residual stream and this layer's keys and values (the
     cache with the new tokens written in, or the new tokens' own when there is no cache).
-    `prefix_kv` is (k, v, mask) of a shared prefix, or None."""
+
+    `prefix_kv` is (k, v, mask) of a shared prefix, or None. `fresh`: the cache held nothing before
+    these tokens, so they attend to themselves (and the prefix) only, in causal chunks.
+    """
     b, t, _ = x.shape
     dtype = x.dtype
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
@@ -135,18 +156,20 @@ def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, mask, cache_kv, prefix_
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     group = cfg.num_heads // cfg.num_kv_heads
-    # [b, t, kv*group, hd] -> [b, kv, group*t, hd]: the query rows of one KV head side by side.
+    # [b, t, kv*group, hd] -> [b, kv, group, t, hd]: the query rows of one KV head side by side.
     q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim).transpose(0, 2, 3, 1, 4)
-    q = q.reshape(b, cfg.num_kv_heads, group * t, cfg.head_dim)
     k = k.transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
+    prefix_blocks = [prefix_kv] if prefix_kv is not None else []
+    if cache_kv is None or fresh:
+        attn = _attend_causal(q, k, v, mask, prefix_blocks)
     if cache_kv is not None:
         ck, cv, index = cache_kv
         k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
         v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
-    attn = _attend(q, ([prefix_kv] if prefix_kv is not None else []) + [(k, v, mask)])
-    attn = attn.reshape(b, cfg.num_kv_heads, group, t, cfg.head_dim).transpose(0, 3, 1, 2, 4)
-    attn = attn.reshape(b, t, cfg.num_heads * cfg.head_dim)
+        if not fresh:
+            attn = _attend(q, prefix_blocks + [(k, v, mask)])
+    attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * cfg.head_dim)
     x = x + (attn.astype(dtype) @ lp["wo"].astype(dtype))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     gate = jax.nn.silu(h @ lp["w_gate"].astype(dtype))
@@ -163,37 +186,38 @@ def forward(
     cfg: ModelConfig,
     dtype=jnp.float32,
     last_only: bool = False,
+    fresh_cache: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [batch, time, vocab] (float32) for `tokens`, and the cache with them written in.
 
-    `last_only` computes logits for the last column only ([batch, 1, vocab]): a prefill needs no
-    more, and the vocabulary projection of every prompt token would cost more than a layer.
-
     tokens, positions: [batch, time] int32; a negative position marks padding. With a cache, the new
     tokens go to slots [cache.index, cache.index + time) and attend to everything cached before them.
+
+    `last_only` computes logits for the last column only ([batch, 1, vocab]): a prefill needs no
+    more, and the vocabulary projection of every prompt token would cost more than a layer.
+    `fresh_cache` promises that the cache holds nothing yet (apart from a shared prefix), which lets a
+    prefill attend causally in chunks instead of to every slot.
     """
     chex.assert_rank([tokens, positions], 2)
     chex.assert_equal_shape([tokens, positions])
     inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
-    group = cfg.num_heads // cfg.num_kv_heads
     x = params["embed"][tokens].astype(dtype)
-    if cache is None:
-        key_positions = positions
-    else:
+    key_positions = positions
+    if cache is not None:
         key_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
-    # [b, t, s] -> [b, 1, group*t, s], matching the query layout of `_layer`.
-    expand = lambda m: jnp.tile(m, (1, group, 1))[:, None]  # noqa: E731
-    mask = expand(attention_mask(positions, key_positions, cfg.sliding_window))
+    # [b, t, s] -> [b, 1, 1, t, s], broadcasting over KV heads and the query group.
+    visible = lambda keys: attention_mask(positions, keys, cfg.sliding_window)[:, None, None]  # noqa: E731
+    mask = visible(positions if cache is None or fresh_cache else key_positions)
     shared = cache is not None and cache.prefix_k is not None
     if shared:
-        prefix_positions = jnp.broadcast_to(cache.prefix_positions, (tokens.shape[0],) + cache.prefix_positions.shape)
-        prefix_mask = expand(attention_mask(positions, prefix_positions, cfg.sliding_window))
+        prefix_mask = visible(jnp.broadcast_to(cache.prefix_positions,
+                                               (tokens.shape[0],) + cache.prefix_positions.shape))
 
     new_k, new_v = [], []
     for i, lp in enumerate(params["layers"]):
         cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
         prefix_kv = (cache.prefix_k[i], cache.prefix_v[i], prefix_mask) if shared else None
-        x, k, v = _layer(cfg, inv_freq, x, positions, lp, mask, cache_kv, prefix_kv)
+        x, k, v = _layer(cfg, inv_freq, x, positions, lp, mask, cache_kv, prefix_kv, fresh_cache)
         new_k.append(k)
         new_v.append(v)
     new_cache = None if cache is None else cache._replace(
@@ -209,8 +233,8 @@ def forward(
 
 def prefill_prefix(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: ModelConfig):
     """(k, v, positions) of one shared prefix [1, length], to pass to `KVCache.empty(prefix=...)`."""
-    _, cache = forward(params, tokens, positions, KVCache.empty(cfg, 1, tokens.shape[1],
-                                                                 dtype=params["embed"].dtype), cfg=cfg, last_only=True)
+    empty = KVCache.empty(cfg, 1, tokens.shape[1], dtype=params["embed"].dtype)
+    _, cache = forward(params, tokens, positions, empty, cfg=cfg, last_only=True, fresh_cache=True)
     return tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v), cache.positions[0]
 
 
