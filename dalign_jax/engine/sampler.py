@@ -111,14 +111,24 @@ class PrefixCache:
     begins with the same one: with this, the cost grows with the prompts, not the spec.
     """
 
-    def __init__(self, cfg: ModelConfig, buckets: Sequence[int], pad_id: int, max_entries: int = 16):
+    def __init__(self, cfg: ModelConfig, buckets: Sequence[int], pad_id: int, min_tokens: int, max_entries: int = 16):
+        """Prompts sharing at least `min_tokens` leading tokens share them; 0 switches sharing off."""
         self.cfg, self.buckets, self.pad_id, self.max_entries = cfg, buckets, pad_id, max_entries
+        self.min_tokens = min_tokens
         self._entries: dict[tuple[int, ...], tuple] = {}
         self._fn = jax.jit(functools.partial(prefill_prefix, cfg=cfg))
         self.hits = self.misses = 0
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def split(self, params, prompts: Sequence[Sequence[int]]):
+        """(the shared prefix's KV or None, its length, each prompt's own tokens after it)."""
+        shared = shared_prefix_length(prompts) if self.min_tokens else 0
+        if shared < self.min_tokens:
+            shared = 0
+        prefix = self.get(params, prompts[0][:shared]) if shared else None
+        return prefix, shared, [p[shared:] for p in prompts]
 
     def get(self, params, prefix: Sequence[int]):
         key = tuple(int(t) for t in prefix)
@@ -231,8 +241,7 @@ class Sampler:
         self.pad_id = pad_id
         self.prompt_buckets = tuple(prompt_buckets)
         self.new_token_buckets = tuple(new_token_buckets)
-        self.prefix_min_tokens = prefix_min_tokens
-        self.prefixes = PrefixCache(cfg, self.prompt_buckets, pad_id)
+        self.prefixes = PrefixCache(cfg, self.prompt_buckets, pad_id, prefix_min_tokens)
         self.compile_count = 0
         self._compiled = {}
 
@@ -275,10 +284,7 @@ class Sampler:
             [list(stop_tokens)] * n
         if len(per_row_stops) != n:
             raise UserError(f"sampler: {len(per_row_stops)} stop lists for {n} prompts")
-        shared = shared_prefix_length(prompts) if self.prefix_min_tokens else 0
-        shared = shared if shared >= self.prefix_min_tokens else 0
-        prefix = self.prefixes.get(params, prompts[0][:shared]) if shared else None
-        own = [p[shared:] for p in prompts]
+        prefix, shared, own = self.prefixes.split(params, prompts)
         prompt_len = bucket(max(len(p) for p in own), self.prompt_buckets, "prompt length")
         new_slots = bucket(int(limits.max()), self.new_token_buckets, "max_new_tokens")
         context = shared + max(len(p) for p in own) + new_slots

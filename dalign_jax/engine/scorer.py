@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from dalign_jax.engine.sampler import PROMPT_BUCKETS, PrefixCache, batch_bucket, bucket, left_pad, shared_prefix_length
+from dalign_jax.engine.sampler import PROMPT_BUCKETS, PrefixCache, batch_bucket, bucket, left_pad
 from dalign_jax.errors import UserError
 from dalign_jax.model.config import ModelConfig
 from dalign_jax.model.transformer import KVCache, forward
@@ -58,8 +58,7 @@ class Scorer:
         self.cfg, self.mesh, self.pad_id = cfg, mesh, pad_id
         self.score_ids = np.asarray(score_ids, np.int32)
         self.prompt_buckets = tuple(prompt_buckets)
-        self.prefix_min_tokens = prefix_min_tokens
-        self.prefixes = PrefixCache(cfg, self.prompt_buckets, pad_id)
+        self.prefixes = PrefixCache(cfg, self.prompt_buckets, pad_id, prefix_min_tokens)
         self.compile_count = 0
         self._fn = None
 
@@ -83,10 +82,7 @@ class Scorer:
         longest = max(len(p) for p in prompts)
         if longest > self.cfg.max_position:
             raise UserError(f"judge prompt of {longest} tokens exceeds the judge's context of {self.cfg.max_position}")
-        shared = shared_prefix_length(prompts) if self.prefix_min_tokens else 0
-        shared = shared if shared >= self.prefix_min_tokens else 0
-        prefix = self.prefixes.get(params, prompts[0][:shared]) if shared else None
-        own = [p[shared:] for p in prompts]
+        prefix, shared, own = self.prefixes.split(params, prompts)
         length = bucket(max(len(p) for p in own), self.prompt_buckets, "judge prompt length")
         tokens, positions = left_pad(own, length, batch_bucket(len(prompts), self.mesh), self.pad_id, offset=shared)
         fn = self._compiled(params)

@@ -7,7 +7,8 @@ place (the new keys are written first, then attended to).
 
 Padding is expressed through positions: a token whose position is negative is padding. Attention
 masks are derived from positions alone (a key is visible when it is real, not later than the query,
-and inside the sliding window), so left-padded prompts, packed rows and cached decoding share one rule.
+and inside the sliding window), so left-padded prompts, shared prefixes and cached decoding share one
+rule.
 """
 from __future__ import annotations
 

@@ -109,7 +109,3 @@ def run_distill(config: Config, force: bool = False) -> dict:
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
-
-def distill_shards(config: Config) -> list:
-    """The finished shards' JSONL paths, in order."""
-    return sorted((config.run_path / "distill").glob("shard-*.jsonl"))

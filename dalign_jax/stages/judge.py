@@ -108,7 +108,8 @@ def parse_score(text: str) -> float:
 
 
 def _judge_shard(config: Config, spec: Spec, engine: JudgeEngine, records: list[dict]) -> list[dict]:
-    ok = [r for r in records if r["parse_status"] == "ok"]
+    # Grouped by category, so that each scorer batch shares spec(category) as a cached prefix.
+    ok = sorted((r for r in records if r["parse_status"] == "ok"), key=lambda r: r["category"])
     runs = []
     for variant in range(config.judge.runs):
         conversations = [
