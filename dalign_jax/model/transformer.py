@@ -95,7 +95,7 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
 
 # Prefill attention runs in query chunks of this many tokens, each against the keys up to its end:
 # causal attention needs no more, and the score matrix never exists whole.
-ATTENTION_CHUNK = 512
+ATTENTION_CHUNK = 256
 
 
 def _attend(q, blocks):
