@@ -53,8 +53,7 @@ def complete_chats(
     stops = stop_token_ids(model)
     out = sampler.generate(params, prompts, max_new_tokens, key, sampling, stop_tokens=stops)
     completions = []
-    for tokens, logps, stopped in zip(out.tokens, out.logprobs, out.stopped):
-        body = tokens[:-1] if stopped else tokens
+    for tokens, body, logps, stopped in zip(out.tokens, out.content(), out.logprobs, out.stopped):
         completions.append(Completion(
             text=model.tokenizer.decode(body, skip_special_tokens=False),
             tokens=tokens.tolist(),

@@ -52,6 +52,10 @@ class SampleOutput:
     lengths: np.ndarray  # per row, number of new tokens
     stopped: np.ndarray  # per row, True when a stop token ended it (False: length limit)
 
+    def content(self) -> list[np.ndarray]:
+        """Per row, the new tokens without the stop token that ended them: the text to decode."""
+        return [t[:-1] if s else t for t, s in zip(self.tokens, self.stopped)]
+
 
 def bucket(n: int, buckets: Sequence[int], what: str) -> int:
     for b in buckets:

@@ -50,7 +50,7 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
         key_b = jax.random.fold_in(key, b)
         limit = d.cot_tokens if d.force_format else d.cot_tokens + d.answer_tokens
         out = sampler.generate(params, rows, limit, key_b, sampling, stops)
-        texts = [COT_PREFIX + tok.decode(t[:-1] if s else t) for t, s in zip(out.tokens, out.stopped)]
+        texts = [COT_PREFIX + tok.decode(t) for t in out.content()]
         finished = [bool(s) for s in out.stopped]
         if d.force_format:
             cots = [t.partition(ANSWER_DELIMITER)[0].rstrip() for t in texts]
@@ -58,8 +58,7 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
                            for r, c in zip(rows, cots)]
             answers = sampler.generate(params, answer_rows, d.answer_tokens, jax.random.fold_in(key_b, 1 << 20),
                                        sampling, stops)
-            texts = [f"{c}\n{ANSWER_DELIMITER}\n" + tok.decode(t[:-1] if s else t)
-                     for c, t, s in zip(cots, answers.tokens, answers.stopped)]
+            texts = [f"{c}\n{ANSWER_DELIMITER}\n" + tok.decode(t) for c, t in zip(cots, answers.content())]
             finished = [bool(s) for s in answers.stopped]
         for r, (text, done) in enumerate(zip(texts, finished)):
             prompt = batch[r // d.samples_per_prompt]

@@ -20,8 +20,8 @@ from dalign_jax.data.completion import format_completion
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat
 from dalign_jax.errors import UserError
-from dalign_jax.stages.common import (check_run_header, ensure_writable, open_mesh, read_jsonl, section,
-                                      write_atomic, write_records)
+from dalign_jax.stages.common import (check_run_header, ensure_writable, jsonl_text, open_mesh, read_jsonl,
+                                      section, write_atomic, write_records)
 
 SCORE_PREFILL = "Score:"
 SCALE = 10
@@ -190,7 +190,7 @@ def run_judge(config: Config, force: bool = False) -> dict:
         target = out / f"scored-{shard.stem.split('-')[1]}.jsonl"
         if not target.is_file():
             rows = _judge_shard(config, spec, engine, read_jsonl(shard))
-            write_atomic(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            write_atomic(target, jsonl_text(rows))
         scored.extend(read_jsonl(target))
     kept = select(scored, config.judge.threshold, config.judge.best_of_n)
     write_records(out / "sft", [sft_record(r) for r in kept])
