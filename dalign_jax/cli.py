@@ -114,14 +114,31 @@ def cmd_spec(args) -> int:
     return 0
 
 
+def _stage(module: str, function: str):
+    def load():
+        import importlib
+
+        return getattr(importlib.import_module(f"dalign_jax.stages.{module}"), function)
+    return load
+
+
+STAGES = {
+    "distill": _stage("distill", "run_distill"),
+    "judge": _stage("judge", "run_judge"),
+    "sft": _stage("sft", "run_sft"),
+}
+STAGE_HELP = {
+    "distill": "sample analyses and answers with the spec in context",
+    "judge": "score distilled completions and write the SFT set",
+    "sft": "fine-tune the policy on the judged set (spec removed), with checkpoints and HF export",
+}
+
+
 def cmd_stage(args) -> int:
     from dalign_jax.config import load_config
 
     config = load_config(args.config, args.overrides)
-    if args.command == "distill":
-        from dalign_jax.stages.distill import run_distill as run
-    else:
-        from dalign_jax.stages.judge import run_judge as run
+    run = STAGES[args.command]()
     summary = run(config, force=args.force)
     print(json.dumps(summary, indent=2))
     return 0
@@ -158,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--model", default="smollm2-135m", help="tokenizer for the token count ('' for none)")
     spec.set_defaults(func=cmd_spec)
 
-    for name, text in (("distill", "sample analyses and answers with the spec in context"),
-                       ("judge", "score distilled completions and write the SFT set")):
+    for name, text in STAGE_HELP.items():
         stage = sub.add_parser(name, help=text)
         stage.add_argument("config", help="YAML config (see configs/)")
         stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prompts.limit=8")

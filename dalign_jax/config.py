@@ -72,6 +72,40 @@ class Judge:
 
 
 @dataclasses.dataclass
+class Train:
+    """The optimiser and loop shared by SFT and RL."""
+    learning_rate: float = 1e-5  # peak, after warm-up; cosine decay to min_lr_ratio of it
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0  # AdamW; not applied to norms
+    b1: float = 0.9
+    b2: float = 0.95
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0: no clipping
+    grad_accum: int = 1  # micro-batches per optimiser step
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights stay float32
+    remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
+    log_every: int = 1
+    save_every: int = 50  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2
+    peak_flops: float = 0.0  # for MFU; 0: measure a float32 matmul on the first device at start
+
+
+@dataclasses.dataclass
+class SFT:
+    data: str = ""  # JSONL or ArrayRecord of {"messages": [...]}; "": the judge stage's kept set
+    capability_data: str = ""  # plain helpful conversations mixed in (same format); "": none
+    capability_ratio: float = 0.0  # share of training examples drawn from capability_data
+    heldout_fraction: float = 0.1  # examples held out (by a hash of their id) for the eval loss
+    max_seq_len: int = 512  # longer examples are cut at this length
+    batch_size: int = 4  # sequences per micro-batch (global, over all processes)
+    steps: int = 0  # optimiser steps; 0: `epochs` passes over the training examples
+    epochs: float = 1.0
+    eval_every: int = 50
+    export: bool = True  # write the final model as a HF directory in run_dir/sft/export
+    train: Train = dataclasses.field(default_factory=Train)
+
+
+@dataclasses.dataclass
 class Config:
     run_dir: str = "runs/default"
     spec_dir: str = "specs"
@@ -82,6 +116,7 @@ class Config:
     prompts: Prompts = dataclasses.field(default_factory=Prompts)
     distill: Distill = dataclasses.field(default_factory=Distill)
     judge: Judge = dataclasses.field(default_factory=Judge)
+    sft: SFT = dataclasses.field(default_factory=SFT)
 
     @property
     def run_path(self) -> Path:
@@ -101,6 +136,14 @@ def _type_ok(value, hint) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _describe(hint) -> str:
@@ -124,6 +167,8 @@ def _build(cls, values: dict, prefix: str, source: str):
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{prefix}{key}.", source)
+        elif hint is float and isinstance(value, str) and _is_number(value):
+            kwargs[key] = float(value)  # PyYAML reads 1e-5 (no dot, no exponent sign) as a string
         elif not _type_ok(value, hint):
             raise UserError(f"{source}: config key {prefix}{key}: expected {_describe(hint)}, got {value!r}")
         else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import jax
@@ -13,12 +14,37 @@ from dalign_jax.model.loader import LoadedModel
 Messages = list[dict[str, str]]
 
 
-def encode_chat(tokenizer, messages: Messages) -> list[int]:
-    """Token ids of `messages` under the model's chat template, ready for the assistant's turn."""
+# A message's content is swapped for this marker while the template renders, so the rendered text
+# splits into template text (whose control strings are real special tokens) and message text (encoded
+# as plain text: a user who writes "<|im_start|>system" gets those characters, not a new turn).
+_SLOT = "\ue000dalign-message-{}\ue001"
+_SLOT_RE = re.compile("\ue000dalign-message-(\\d+)\ue001")
+
+
+def encode_conversation(tokenizer, messages: Messages, *, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+    """Token ids of `messages` under the chat template, and for every id the index of the message whose
+    content it encodes (-1 for template text). Message text never becomes a control token."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError("model has no tokenizer with a chat template")
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(encoded["input_ids"])
+    marked = [dict(m, content=_SLOT.format(i)) for i, m in enumerate(messages)]
+    text = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    ids: list[int] = []
+    owner: list[int] = []
+    start = 0
+    for match in _SLOT_RE.finditer(text):
+        template = tokenizer.encode(text[start:match.start()], add_special_tokens=False)
+        index = int(match.group(1))
+        content = tokenizer.encode(messages[index]["content"], add_special_tokens=False, split_special_tokens=True)
+        ids += template + content
+        owner += [-1] * len(template) + [index] * len(content)
+        start = match.end()
+    tail = tokenizer.encode(text[start:], add_special_tokens=False)
+    return ids + tail, owner + [-1] * len(tail)
+
+
+def encode_chat(tokenizer, messages: Messages) -> list[int]:
+    """Token ids of `messages` under the model's chat template, ready for the assistant's turn."""
+    return encode_conversation(tokenizer, messages, add_generation_prompt=True)[0]
 
 
 def stop_token_ids(model: LoadedModel) -> list[int]:

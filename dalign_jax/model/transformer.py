@@ -12,6 +12,7 @@ rule.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import chex
@@ -188,6 +189,7 @@ def forward(
     dtype=jnp.float32,
     last_only: bool = False,
     fresh_cache: bool = False,
+    remat: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [batch, time, vocab] (float32) for `tokens`, and the cache with them written in.
 
@@ -198,6 +200,7 @@ def forward(
     more, and the vocabulary projection of every prompt token would cost more than a layer.
     `fresh_cache` promises that the cache holds nothing yet (apart from a shared prefix), which lets a
     prefill attend causally in chunks instead of to every slot.
+    `remat` recomputes each layer in the backward pass instead of keeping its activations (training).
     """
     chex.assert_rank([tokens, positions], 2)
     chex.assert_equal_shape([tokens, positions])
@@ -214,11 +217,14 @@ def forward(
         prefix_mask = visible(jnp.broadcast_to(cache.prefix_positions,
                                                (tokens.shape[0],) + cache.prefix_positions.shape))
 
+    layer = functools.partial(_layer, cfg, inv_freq)
+    if remat:
+        layer = jax.checkpoint(layer, static_argnums=(6,))  # argument 6: `fresh`, a Python bool
     new_k, new_v = [], []
     for i, lp in enumerate(params["layers"]):
         cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
         prefix_kv = (cache.prefix_k[i], cache.prefix_v[i], prefix_mask) if shared else None
-        x, k, v = _layer(cfg, inv_freq, x, positions, lp, mask, cache_kv, prefix_kv, fresh_cache)
+        x, k, v = layer(x, positions, lp, mask, cache_kv, prefix_kv, fresh_cache)
         new_k.append(k)
         new_v.append(v)
     new_cache = None if cache is None else cache._replace(

@@ -69,11 +69,22 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def param_shardings(params, mesh: Mesh):
-    """NamedSharding for every leaf of a parameter tree (arrays or ShapeDtypeStructs)."""
+PARAM_ROOTS = ("embed", "lm_head", "final_norm", "layers")
+
+
+def _leaf_spec(path, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """A parameter's rule, also where the parameter tree sits inside another (the optimiser's moments
+    mirror the parameters and take their layout); leaves outside any parameter tree are replicated."""
+    parts = _path_str(path).split("/")
+    root = next((i for i, part in enumerate(parts) if part in PARAM_ROOTS), None)
+    return P() if root is None else param_spec("/".join(parts[root:]), shape, mesh)
+
+
+def param_shardings(tree, mesh: Mesh):
+    """NamedSharding for every leaf of a parameter tree, or of a tree holding parameter trees (a train
+    state, an optimiser state), given as arrays or ShapeDtypeStructs."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, param_spec(_path_str(path), tuple(x.shape), mesh)), params
-    )
+        lambda path, x: NamedSharding(mesh, _leaf_spec(path, tuple(x.shape), mesh)), tree)
 
 
 def shard_params(params, mesh: Mesh):

@@ -1,0 +1,52 @@
+"""Checkpoints of a training run through orbax: the train state (parameters, optimiser state, step),
+the data iterator's state and a small JSON of run facts, saved together under one step.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a kill mid-save
+leaves the previous checkpoint as the latest; unfinished temporary directories are cleaned up on
+the next start. Every process calls save and restore (multi-host writes go through orbax).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from dalign_jax.errors import UserError
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                               enable_async_checkpointing=False)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, facts: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), facts=ocp.args.JsonSave(facts)))
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, target) -> tuple[object, dict, dict]:
+        """The state at `step` laid out like `target` (ShapeDtypeStructs with shardings)."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), facts=ocp.args.JsonRestore()))
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{self.directory / str(step)}: checkpoint does not fit this model "
+                            f"(a different model shape or optimiser?): {str(e).splitlines()[0][:300]}") from None
+        _check_shapes(restored.state, target, self.directory / str(step))
+        return restored.state, restored.data, restored.facts
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _check_shapes(state, target, where: Path) -> None:
+    got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), state)
+    want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), target)
+    if got != want:
+        raise UserError(f"{where}: checkpoint does not fit this model (a different model shape)")

@@ -1,0 +1,167 @@
+"""The compiled training step shared by SFT and RL.
+
+A loss function maps (params, micro-batch) to (loss_sum, weight, aux): a sum over tokens or sequences
+and what it is to be divided by. The step sums both over the micro-batches of one optimiser step
+(gradient accumulation), so accumulating k micro-batches gives the same update as one batch k times
+larger. `aux` holds extra metrics as (sum, count) pairs, averaged the same way.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dalign_jax.model.config import ModelConfig
+from dalign_jax.model.transformer import forward
+from dalign_jax.parallel.mesh import BATCH_AXES, param_shardings, replicated
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimiser steps taken
+    params: dict
+    opt_state: optax.OptState
+
+
+def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [batch, time - 1], float32.
+
+    Master weights stay float32; with a lower compute dtype they are cast inside the step, so their
+    gradients come back in float32."""
+    if compute_dtype != jnp.float32:
+        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+    logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat)
+    logits = logits[:, :-1]
+    targets = tokens[:, 1:]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sft_loss(params, batch, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False):
+    """Summed negative log-likelihood of the completion tokens, and how many there are."""
+    logp = token_logprobs(params, batch["tokens"], batch["positions"], cfg=cfg, compute_dtype=compute_dtype,
+                          remat=remat)
+    mask = ((batch["loss_mask"][:, 1:] > 0) & (batch["positions"][:, 1:] >= 0)).astype(jnp.float32)
+    return -(logp * mask).sum(), mask.sum(), {}
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _accumulate(loss_fn, params, batch):
+    """Sum loss, weight, aux and gradients over the leading (micro-batch) axis of `batch`."""
+    grad_fn = jax.value_and_grad(lambda p, mb: (lambda l, w, a: (l, (w, a)))(*loss_fn(p, mb)), has_aux=True)
+
+    def one(mb):
+        (loss, (weight, aux)), grads = grad_fn(params, mb)
+        return grads, loss, weight, aux
+
+    first = one(jax.tree.map(lambda x: x[0], batch))
+    if jax.tree.leaves(batch)[0].shape[0] == 1:
+        return first
+
+    def body(carry, mb):
+        return _tree_add(carry, one(mb)), None
+
+    total, _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], batch))
+    return total
+
+
+def train_step(state: TrainState, batch, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule):
+    """One optimiser step over `batch` ([micro_batches, rows, ...] leaves). Returns the new state and
+    float32 metrics: loss, grad_norm (before clipping), learning_rate, weight, and the aux metrics."""
+    grads, loss_sum, weight, aux = _accumulate(loss_fn, state.params, batch)
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": jnp.asarray(schedule(state.step), jnp.float32), "weight": weight}
+    metrics.update({name: s / jnp.maximum(c, 1.0) for name, (s, c) in aux.items()})
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def batch_shardings(batch_shape, mesh: Mesh, micro_axis: bool = True):
+    """Rows over the batch axes of the mesh; the leading micro-batch axis (if any) unsplit."""
+    lead = (None,) if micro_axis else ()
+    return jax.tree.map(lambda x: NamedSharding(mesh, P(*lead, BATCH_AXES, *([None] * (x.ndim - len(lead) - 1)))),
+                        batch_shape)
+
+
+def compile_train_step(loss_fn, optimizer, schedule, state_sharding, mesh: Mesh):
+    """`step(state, batch) -> (state, metrics)`, jitted with explicit shardings and the old state donated.
+    Batches of a new padded width compile once each."""
+    fn = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule)
+    compiled = {}
+
+    def step(state, batch):
+        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if key not in compiled:
+            compiled[key] = jax.jit(fn, in_shardings=(state_sharding, batch_shardings(batch, mesh)),
+                                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+        return compiled[key](state, batch)
+
+    step.compiled = compiled
+    return step
+
+
+def compile_eval_loss(loss_fn, param_sharding, mesh: Mesh):
+    """`eval(params, batch) -> (loss_sum, weight)` for [rows, ...] batches."""
+    compiled = {}
+
+    def evaluate(params, batch):
+        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if key not in compiled:
+            compiled[key] = jax.jit(lambda p, b: loss_fn(p, b)[:2],
+                                    in_shardings=(param_sharding, batch_shardings(batch, mesh, micro_axis=False)),
+                                    out_shardings=replicated(mesh))
+        return compiled[key](params, batch)
+
+    return evaluate
+
+
+def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, object]:
+    """The initial train state laid out on `mesh`, and its shardings."""
+    build = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))  # noqa: E731
+    sharding = param_shardings(jax.eval_shape(build, params), mesh)
+    return jax.jit(build, out_shardings=sharding)(params), sharding
+
+
+def abstract_state(params, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """Shapes, dtypes and shardings of the train state, for restoring a checkpoint into."""
+    build = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))  # noqa: E731
+    shape = jax.eval_shape(build, params)
+    sharding = param_shardings(shape, mesh)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, sharding), sharding
+
+
+def device_batch(local: dict, mesh: Mesh, micro_batches: int | None):
+    """This process's rows of a global batch -> global arrays split over the mesh's batch axes.
+
+    With `micro_batches`, rows [n, ...] become [micro_batches, n / micro_batches, ...]."""
+    out = {}
+    for name, x in local.items():
+        if micro_batches is not None:
+            x = x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+        row_axis = 0 if micro_batches is None else 1
+        global_shape = list(x.shape)
+        global_shape[row_axis] *= jax.process_count()
+        sharding = batch_shardings(x, mesh, micro_axis=micro_batches is not None)
+        out[name] = jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
+    return out
+
+
+def host_params(params):
+    """A parameter tree as host numpy arrays (gathered from every process on multi-host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)

@@ -1,0 +1,206 @@
+"""SFT: tokenisation and loss mask, the grain pipeline, the train step (against PyTorch, accumulation,
+sharding), and the stage's exact resume after a kill."""
+import functools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dalign_jax.config import Train, load_config
+from dalign_jax.data.sft_data import ConversationSource, batches, split_indices, tokenize_conversation
+from dalign_jax.errors import UserError
+from dalign_jax.model.hf_io import load_hf_dir
+from dalign_jax.model.loader import load_model
+from dalign_jax.parallel.mesh import make_mesh
+from dalign_jax.stages.sft import run_sft
+from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
+from dalign_jax.train.step import compile_train_step, device_batch, init_state, sft_loss
+
+
+def conversations(n: int) -> list[dict]:
+    return [{"id": f"q{i}-0", "prompt_id": f"q{i}", "messages": [
+        {"role": "user", "content": f"question number {i}?"},
+        {"role": "assistant", "content": f"Analysis: about {i}.\n### Final answer\nThe answer is {i * 7}."}]}
+        for i in range(n)]
+
+
+@pytest.fixture
+def sft_data(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in conversations(40)))
+    return path
+
+
+def sft_config(tmp_path, model_dir, data, **sft):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / "sft.yaml"
+    options = dict(dict(data=str(data), batch_size=8, steps=10, max_seq_len=128, eval_every=5), **sft)
+    options["train"] = dict(dict(learning_rate=3e-3, warmup_steps=2, save_every=2, peak_flops=1e11),
+                            **options.get("train", {}))
+    config.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "models": {"policy": str(model_dir)},
+                                  "sft": options}))
+    return config
+
+
+def test_loss_mask_covers_the_completion_only(tiny_chat_model):
+    tokenizer = load_model(str(tiny_chat_model)).tokenizer
+    messages = conversations(1)[0]["messages"]
+    example = tokenize_conversation(tokenizer, messages, 512)
+    completion = tokenizer.decode(example["tokens"][example["loss_mask"] == 1])
+    prompt = tokenizer.decode(example["tokens"][example["loss_mask"] == 0])
+    assert completion.startswith(messages[1]["content"])
+    assert "question number 0?" in prompt and "Analysis" not in prompt
+    assert example["loss_mask"][-1] == 1 and example["loss_mask"][0] == 0
+
+
+def test_pipeline_is_seeded_resumable_and_split_over_processes(sft_data, tiny_chat_model):
+    tokenizer = load_model(str(tiny_chat_model)).tokenizer
+    source = ConversationSource(sft_data)
+    train, heldout = split_indices(source, 0.1)
+    assert sorted(train + heldout) == list(range(40)) and heldout and not set(train) & set(heldout)
+    make = functools.partial(batches, source, train, tokenizer, global_batch=4, max_len=128, num_batches=20)
+    one = list(make(seed=0))
+    assert len(one) == 20 and all(b["tokens"].shape[0] == 4 for b in one)
+    assert not all(np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(one, list(make(seed=1))))
+    # Epochs are reshuffled: the first pass differs from the second.
+    epoch = len(train) // 4
+    assert not all(np.array_equal(one[i]["tokens"], one[i + epoch]["tokens"]) for i in range(4))
+    # The iterator state taken mid-way resumes at the same batch.
+    iterator = iter(make(seed=0))
+    for _ in range(7):
+        next(iterator)
+    state = iterator.get_state()
+    resumed = iter(make(seed=0))
+    resumed.set_state(json.loads(json.dumps(state)))
+    assert all(np.array_equal(next(resumed)["tokens"], one[i]["tokens"]) for i in range(7, 20))
+    # Two processes' rows make up the single process's global batch.
+    halves = [list(make(seed=0, process_index=p, process_count=2)) for p in range(2)]
+    for i, batch in enumerate(one):
+        joined = np.concatenate([halves[0][i]["tokens"], halves[1][i]["tokens"]])
+        assert sorted(map(bytes, joined)) == sorted(map(bytes, batch["tokens"]))
+
+
+def test_bad_sft_data_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(conversations(1)[0]) + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:2: field 'messages'.*assistant"):
+        ConversationSource(path)
+
+
+def _batch(tokenizer, rows, width=64):
+    from dalign_jax.data.sft_data import collate
+
+    return collate([tokenize_conversation(tokenizer, r["messages"], width) for r in rows], [width], 0)
+
+
+def test_sft_loss_matches_pytorch(tiny_models, tiny_chat_model):
+    import torch
+
+    model = load_model(str(tiny_chat_model))
+    local = _batch(model.tokenizer, conversations(3))
+    loss_sum, count, _ = sft_loss(jax.device_put(model.params), local, cfg=model.cfg)
+    hf = tiny_models["llama2"][1]
+    labels = np.where((local["loss_mask"] == 1) & (local["positions"] >= 0), local["tokens"], -100)
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(local["tokens"], dtype=torch.long),
+                 attention_mask=torch.tensor(local["positions"] >= 0, dtype=torch.long),
+                 labels=torch.tensor(labels, dtype=torch.long))
+    np.testing.assert_allclose(float(loss_sum / count), float(out.loss), rtol=1e-5)
+
+
+def _one_step(model, local, mesh, accum):
+    train = Train(learning_rate=1e-3, warmup_steps=0, grad_accum=accum)
+    optimizer = make_optimizer(train, 4)
+    state, sharding = init_state(model.params, optimizer, mesh)
+    step = compile_train_step(functools.partial(sft_loss, cfg=model.cfg), optimizer,
+                              learning_rate_schedule(train, 4), sharding, mesh)
+    state, metrics = step(state, device_batch(local, mesh, accum))
+    return jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}
+
+
+def test_gradient_accumulation_equals_one_large_batch(tiny_chat_model):
+    model = load_model(str(tiny_chat_model))
+    local = _batch(model.tokenizer, conversations(8))
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    whole, m1 = _one_step(model, local, mesh, 1)
+    accumulated, m2 = _one_step(model, local, mesh, 2)
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-6)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+    # Adam's first update is about lr * sign(g), so an entry whose gradient is near zero can move by
+    # up to 2 lr on rounding alone; the tolerance is 0.5% of lr.
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(accumulated)):
+        np.testing.assert_allclose(a, b, atol=5e-6)
+
+
+@pytest.mark.parametrize("layout", [(1, 4, 2), (2, 2, 2), (8, 1, 1)])
+def test_sharded_step_equals_one_device(tiny_chat_model, layout):
+    model = load_model(str(tiny_chat_model))
+    local = _batch(model.tokenizer, conversations(8))
+    single, m1 = _one_step(model, local, make_mesh(1, 1, 1, devices=jax.devices()[:1]), 1)
+    sharded, m2 = _one_step(model, local, make_mesh(*layout), 1)
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+        np.testing.assert_allclose(a, b, atol=5e-6)
+
+
+def test_sft_stage_learns_and_exports(tmp_path, tiny_chat_model, sft_data):
+    config = load_config(sft_config(tmp_path, tiny_chat_model, sft_data))
+    summary = run_sft(config)
+    out = config.run_path / "sft"
+    assert summary["complete"] and summary["steps"] == 10
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(11))
+    assert {"loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu"} <= set(rows[1])
+    assert any(f.name.startswith("events.out.tfevents") for f in (out / "tensorboard").iterdir())
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [8, 10]
+    _, cfg, params, _ = load_hf_dir(out / "export")
+    assert cfg == load_model(str(tiny_chat_model)).cfg
+    assert run_sft(config) == summary  # complete: nothing to do
+
+
+def test_nonfinite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_chat_model, sft_data):
+    config = load_config(sft_config(tmp_path, tiny_chat_model, sft_data,
+                                    train=dict(learning_rate=1e30, max_grad_norm=0.0, save_every=1)))
+    with pytest.raises(UserError, match=r"non-finite loss.*last good checkpoint is step \d"):
+        run_sft(config)
+    assert not (config.run_path / "sft" / "summary.json").exists()
+
+
+def _final_params(run_dir: Path):
+    return jax.tree.leaves(load_hf_dir(run_dir / "sft" / "export")[2])
+
+
+def test_exact_resume_after_kill(tmp_path, tiny_chat_model, sft_data):
+    """A run killed (SIGKILL) at a random step and rerun ends with bit-identical parameters."""
+    command = lambda config: [sys.executable, "-m", "dalign_jax.cli", "sft", str(config)]  # noqa: E731
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    whole = sft_config(tmp_path / "whole", tiny_chat_model, sft_data, steps=16)
+    subprocess.run(command(whole), check=True, env=env, capture_output=True)
+
+    killed = sft_config(tmp_path / "killed", tiny_chat_model, sft_data, steps=16)
+    metrics = tmp_path / "killed" / "run" / "sft" / "metrics.jsonl"
+    kill_at = random.Random().randint(3, 13)
+    proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and json.loads(metrics.read_text().splitlines()[-1])["step"] >= kill_at:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "run" / "sft" / "summary.json").exists(), "killed too late"
+    subprocess.run(command(killed), check=True, env=env, capture_output=True)
+    for a, b in zip(_final_params(tmp_path / "whole" / "run"), _final_params(tmp_path / "killed" / "run")):
+        assert np.array_equal(a, b)
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(17))

@@ -1,0 +1,115 @@
+"""SFT training throughput: our compiled train step against HF transformers' `Trainer` (PyTorch, CPU).
+
+Same model (the embedded default, float32), same batches (BATCH rows of LENGTH real tokens, loss on
+every token), same optimiser (AdamW, clipping at 1.0). Both are timed over the steps after the first
+(ours compiles there, the peer warms up). Ours runs first, so the peak resident memory printed for
+ours is the process's before PyTorch is loaded.
+Last lines: RESULT sft_tokens_per_s ours=<x> peer=<x> ratio=<ours/peer>, RESULT sft_mfu ours=<x>,
+RESULT sft_peak_rss_gb ours=<x>.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from dalign_jax.config import Train
+from dalign_jax.model.hf_io import export_hf
+from dalign_jax.model.loader import DEFAULT_MODEL, load_model
+from dalign_jax.parallel.mesh import make_mesh
+from dalign_jax.train.metrics import measure_peak_flops, train_flops_per_token
+from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
+from dalign_jax.train.step import compile_train_step, device_batch, init_state, sft_loss
+
+
+def make_batches(vocab: int, rows: int, length: int, count: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, vocab, (rows, length)).astype(np.int32) for _ in range(count)]
+
+
+def bench_ours(model, batches, remat: bool):
+    mesh = make_mesh()
+    train = Train(learning_rate=1e-5, warmup_steps=0, remat=remat)
+    optimizer = make_optimizer(train, len(batches))
+    state, sharding = init_state(model.params, optimizer, mesh)
+    step = compile_train_step(functools.partial(sft_loss, cfg=model.cfg, remat=remat), optimizer,
+                              learning_rate_schedule(train, len(batches)), sharding, mesh)
+    times, losses = [], []
+    for tokens in batches:
+        local = {"tokens": tokens, "positions": np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32),
+                                                                tokens.shape).copy(),
+                 "loss_mask": np.ones_like(tokens)}
+        t0 = time.perf_counter()
+        state, metrics = step(state, device_batch(local, mesh, 1))
+        losses.append(float(metrics["loss"]))
+        times.append(time.perf_counter() - t0)
+    tokens = batches[0].size
+    return tokens * (len(times) - 1) / sum(times[1:]), times[0], losses
+
+
+def bench_peer(model_dir, batches):
+    import torch
+    import transformers
+
+    # From our float32 HF export: the Trainer refuses a model loaded from a GGUF file (it counts as
+    # quantised even though transformers dequantises it).
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for b in batches for r in b]
+
+    class Timer(transformers.TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = Timer()
+    args = transformers.TrainingArguments(
+        output_dir="/tmp/bench_sft_peer", per_device_train_batch_size=batches[0].shape[0], max_steps=len(batches),
+        learning_rate=1e-5, max_grad_norm=1.0, lr_scheduler_type="constant", logging_strategy="no",
+        save_strategy="no", report_to=[], use_cpu=True, dataloader_drop_last=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=[timer],
+                                   data_collator=transformers.default_data_collator)
+    trainer.train()
+    return batches[0].size * (len(timer.times) - 1) / sum(timer.times[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (one more is run first)")
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--skip-peer", action="store_true")
+    args = parser.parse_args()
+
+    model = load_model(DEFAULT_MODEL)
+    batches = make_batches(model.cfg.vocab_size, args.batch, args.length, args.steps + 1)
+    peak = measure_peak_flops()
+    print(f"devices: {jax.devices()}; float32 matmul ceiling {peak / 1e9:.1f} GFLOP/s", flush=True)
+    ours, first_s, losses = bench_ours(model, batches, args.remat)
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    mfu = ours * train_flops_per_token(model.cfg) / peak
+    print(f"ours: {ours:.1f} tokens/s, first step (compiles) {first_s:.1f} s, losses {np.round(losses, 3)}", flush=True)
+    peer = float("nan")
+    if not args.skip_peer:
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(Path(tmp) / "model", model.hf_config, model.cfg, model.params, model.tokenizer)
+            peer = bench_peer(Path(tmp) / "model", batches)
+    print(f"peer: {peer:.1f} tokens/s", flush=True)
+    print(f"RESULT sft_tokens_per_s ours={ours:.1f} peer={peer:.1f} ratio={ours / peer:.2f}")
+    print(f"RESULT sft_mfu ours={mfu:.2f}")
+    print(f"RESULT sft_peak_rss_gb ours={rss_gb:.2f}")
+
+
+if __name__ == "__main__":
+    main()
