@@ -126,11 +126,13 @@ STAGES = {
     "distill": _stage("distill", "run_distill"),
     "judge": _stage("judge", "run_judge"),
     "sft": _stage("sft", "run_sft"),
+    "rl": _stage("rl", "run_rl"),
 }
 STAGE_HELP = {
     "distill": "sample analyses and answers with the spec in context",
     "judge": "score distilled completions and write the SFT set",
     "sft": "fine-tune the policy on the judged set (spec removed), with checkpoints and HF export",
+    "rl": "GRPO against the spec-aware judge (final answers only), with checkpoints and HF export",
 }
 
 

@@ -28,6 +28,7 @@ class MeshConfig:
     data: int = -1  # -1: the devices left over by the other axes
     fsdp: int = 1
     tensor: int = 1
+    devices: int = 0  # use the first n devices (single process only); 0: all of them
 
 
 @dataclasses.dataclass
@@ -106,6 +107,30 @@ class SFT:
 
 
 @dataclasses.dataclass
+class RL:
+    init: str = ""  # the starting policy (and KL reference): "" -> run_dir/sft/export if it exists, else models.policy
+    steps: int = 20
+    prompts_per_step: int = 2
+    group_size: int = 4  # G completions per prompt
+    max_new_tokens: int = 64  # analysis and answer together
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # Reward name -> weight (names registered in dalign_jax/rl/rewards.py): judge (the spec-aware judge
+    # on the final answer only), helpfulness (judge rubric for prompts expected to be complied with),
+    # length (minus the completion's share of max_new_tokens).
+    rewards: dict[str, float] = dataclasses.field(default_factory=lambda: {"judge": 1.0})
+    malformed_reward: float = -1.0  # the whole reward of a completion without analysis, delimiter or answer
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_norm"] = "token_mean"
+    clip_low: float = 0.2  # PPO ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.28
+    kl_coef: float = 0.02  # k3 estimate of KL(policy || reference)
+    train: Train = dataclasses.field(default_factory=lambda: Train(learning_rate=1e-6, warmup_steps=0,
+                                                                   save_every=10))
+
+
+@dataclasses.dataclass
 class Config:
     run_dir: str = "runs/default"
     spec_dir: str = "specs"
@@ -117,6 +142,7 @@ class Config:
     distill: Distill = dataclasses.field(default_factory=Distill)
     judge: Judge = dataclasses.field(default_factory=Judge)
     sft: SFT = dataclasses.field(default_factory=SFT)
+    rl: RL = dataclasses.field(default_factory=RL)
 
     @property
     def run_path(self) -> Path:
@@ -131,6 +157,10 @@ def _type_ok(value, hint) -> bool:
         return value in typing.get_args(hint)
     if hint is type(None):
         return value is None
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        return isinstance(value, dict) and all(_type_ok(k, key_hint) and _type_ok(v, value_hint)
+                                               for k, v in value.items())
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -151,6 +181,8 @@ def _describe(hint) -> str:
         return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     if typing.get_origin(hint) is typing.Union:
         return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is dict:
+        return "a mapping of " + " to ".join(_describe(h) for h in typing.get_args(hint))
     return "null" if hint is type(None) else hint.__name__
 
 
@@ -171,6 +203,8 @@ def _build(cls, values: dict, prefix: str, source: str):
             kwargs[key] = float(value)  # PyYAML reads 1e-5 (no dot, no exponent sign) as a string
         elif not _type_ok(value, hint):
             raise UserError(f"{source}: config key {prefix}{key}: expected {_describe(hint)}, got {value!r}")
+        elif typing.get_origin(hint) is dict:
+            kwargs[key] = {k: float(v) if typing.get_args(hint)[1] is float else v for k, v in value.items()}
         else:
             kwargs[key] = float(value) if hint is float else value
     return cls(**kwargs)

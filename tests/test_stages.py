@@ -21,41 +21,6 @@ from dalign_jax.parallel.mesh import make_mesh
 from dalign_jax.stages.distill import run_distill
 from dalign_jax.stages.judge import judge_messages, run_judge, select
 
-MINI_POLICY = """# {title}
-ID: {prefix}
-Summary: {title} in brief.
-## Definitions
-- **Thing**: a thing.
-## Rules
-### {prefix}-1 [comply] Allowed
-Allowed things.
-### {prefix}-2 [refuse] Disallowed
-Disallowed things.
-"""
-
-
-@pytest.fixture
-def mini_run(tmp_path, tiny_chat_model):
-    spec = tmp_path / "spec"
-    spec.mkdir()
-    (spec / "manifest.yaml").write_text("categories:\n  alpha: a.md\n  beta: b.md\nstyle: style.md\n")
-    (spec / "a.md").write_text(MINI_POLICY.format(title="Alpha", prefix="AL"))
-    (spec / "b.md").write_text(MINI_POLICY.format(title="Beta", prefix="BE"))
-    (spec / "style.md").write_text("# Style\nBe brief.")
-    prompts = tmp_path / "prompts.jsonl"
-    rows = [{"id": f"p{i}", "category": "alpha" if i % 2 else "beta", "expected_mode": "comply",
-             "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(6)]
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = tmp_path / "config.yaml"
-    config.write_text(f"""run_dir: {tmp_path / 'run'}
-spec_dir: {spec}
-models: {{policy: {tiny_chat_model}, judge: {tiny_chat_model}}}
-prompts: {{path: {prompts}, split: all}}
-distill: {{samples_per_prompt: 2, cot_tokens: 8, answer_tokens: 8, temperature: 1.0, batch_size: 2, shard_size: 1}}
-judge: {{runs: 2, threshold: 0.0, best_of_n: 1, batch_size: 4}}
-""")
-    return config
-
 
 def test_distill_records_and_judge_output(mini_run):
     config = load_config(mini_run)

@@ -81,12 +81,21 @@ def section(config: Config, name: str) -> dict:
 
 
 def open_mesh(config: Config):
+    import jax
+
     from dalign_jax.parallel import distributed
     from dalign_jax.parallel.mesh import make_mesh
 
     d = config.distributed
     distributed.initialize(d.enabled, d.coordinator, d.num_processes, d.process_id)
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    devices = jax.devices()
+    if config.mesh.devices:
+        if jax.process_count() > 1:
+            raise UserError("mesh.devices: must be 0 (every device) on multi-host")
+        if config.mesh.devices > len(devices):
+            raise UserError(f"mesh.devices: {config.mesh.devices} requested, but there are {len(devices)} devices")
+        devices = devices[:config.mesh.devices]
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
 
 
 def open_prompts(config: Config, spec) -> list:

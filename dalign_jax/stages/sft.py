@@ -165,7 +165,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
         check_finite(metrics, step + 1, checkpoints)
         tokens = int((local["positions"] >= 0).sum()) * jax.process_count()
         metrics.update(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
-                       mfu=tokens * flops_per_token / seconds / (peak * jax.device_count()))
+                       mfu=tokens * flops_per_token / seconds / (peak * mesh.devices.size))
         done = step + 1
         if done % config.sft.eval_every == 0 or done == steps:
             metrics["eval_loss"] = heldout(state.params)

@@ -28,8 +28,10 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [batch, time - 1], float32.
+def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False,
+                   temperature: float = 1.0):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [batch, time - 1], float32, under the
+    distribution with the logits divided by `temperature` (RL scores what the sampler drew from).
 
     Master weights stay float32; with a lower compute dtype they are cast inside the step, so their
     gradients come back in float32."""
@@ -37,6 +39,8 @@ def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
     logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat)
     logits = logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = tokens[:, 1:]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)

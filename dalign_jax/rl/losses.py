@@ -1,0 +1,81 @@
+"""The RL objective: PPO-style clipped policy gradient with separate low and high bounds, a k3 KL
+penalty to the frozen reference, and an aggregation over tokens, behind a registry.
+
+`rl_loss` has the train step's loss signature (params, batch) -> (loss_sum, weight, aux), so RL
+updates reuse the SFT step: its accumulation, clipping, shardings and donation.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dalign_jax.model.config import ModelConfig
+from dalign_jax.train.step import token_logprobs
+
+
+def clipped_policy_loss(logp, old_logp, advantages, clip_low: float, clip_high: float):
+    """Per-token -min(ratio * A, clip(ratio, 1 - low, 1 + high) * A), and where the clip was active."""
+    ratio = jnp.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(jnp.float32)
+
+
+def kl_k3(logp, ref_logp):
+    """Schulman's k3 estimator of KL(policy || reference) per token: exp(d) - d - 1, d = ref - policy;
+    unbiased, always >= 0."""
+    d = ref_logp - logp
+    return jnp.exp(d) - d - 1.0
+
+
+# Aggregation: per-token losses [batch, time] and mask -> (sum, weight); the step divides the summed
+# numerators by the summed weights over all micro-batches.
+Aggregation = Callable[[jnp.ndarray, jnp.ndarray, int], tuple[jnp.ndarray, jnp.ndarray]]
+AGGREGATIONS: dict[str, Aggregation] = {}
+
+
+def register_aggregation(name: str):
+    def add(fn: Aggregation) -> Aggregation:
+        AGGREGATIONS[name] = fn
+        return fn
+    return add
+
+
+@register_aggregation("token_mean")
+def token_mean(per_token, mask, max_tokens):
+    """Every completion token weighs the same (DAPO)."""
+    return (per_token * mask).sum(), mask.sum()
+
+
+@register_aggregation("sequence_mean")
+def sequence_mean(per_token, mask, max_tokens):
+    """Each sequence's token mean, then the mean over sequences (the original GRPO)."""
+    per_sequence = (per_token * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+    return per_sequence.sum(), jnp.asarray(per_token.shape[0], jnp.float32)
+
+
+@register_aggregation("sequence_sum_norm")
+def sequence_sum_norm(per_token, mask, max_tokens):
+    """Token sums over a constant (the generation limit), then the mean over sequences (Dr. GRPO)."""
+    return (per_token * mask).sum() / max_tokens, jnp.asarray(per_token.shape[0], jnp.float32)
+
+
+def rl_loss(params, batch, *, cfg: ModelConfig, temperature: float, clip_low: float, clip_high: float,
+            kl_coef: float, aggregation: str, max_tokens: int, compute_dtype=jnp.float32, remat: bool = False):
+    """batch: tokens, positions, loss_mask (completion tokens), old_logp and ref_logp ([batch, time],
+    aligned with the token they score), advantages [batch].
+
+    Log-probabilities are of the temperature-scaled distribution, the one the sampler drew from."""
+    logp = token_logprobs(params, batch["tokens"], batch["positions"], cfg=cfg, compute_dtype=compute_dtype,
+                          remat=remat, temperature=temperature)
+    mask = ((batch["loss_mask"][:, 1:] > 0) & (batch["positions"][:, 1:] >= 0)).astype(jnp.float32)
+    old_logp, ref_logp = batch["old_logp"][:, 1:], batch["ref_logp"][:, 1:]
+    policy, clipped = clipped_policy_loss(logp, old_logp, batch["advantages"][:, None], clip_low, clip_high)
+    kl = kl_k3(logp, ref_logp)
+    loss_sum, weight = AGGREGATIONS[aggregation](policy + kl_coef * kl, mask, max_tokens)
+    tokens = mask.sum()
+    aux = {"kl": ((kl * mask).sum(), tokens), "clip_fraction": ((clipped * mask).sum(), tokens),
+           "logprob_gap": ((jnp.abs(jax.lax.stop_gradient(logp) - old_logp) * mask).sum(), tokens)}
+    return loss_sum, weight, aux

@@ -1,0 +1,209 @@
+"""Stage: RL with the spec-aware judge as reward (GRPO and relatives), the CoT hidden from the judge.
+
+Each step: G completions for each of `rl.prompts_per_step` prompts from the current parameters (the
+compiled sampler, keeping its per-token log-probabilities); rewards from the registry on the parsed
+final answers; group advantages; one compiled update of the clipped objective with a KL penalty to
+the frozen starting model. The policy sees the conversation only, never the spec.
+
+Outputs in run_dir/rl: checkpoints/, metrics.jsonl and tensorboard/ (reward overall and per
+category, KL, clip fraction, response length, logprob gap), rollouts.jsonl (every completion with
+its reward), export/ (HF directory), summary.json (with the first and last steps' mean reward).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from dalign_jax.config import Config
+from dalign_jax.data.completion import parse_completion
+from dalign_jax.data.sft_data import length_buckets
+from dalign_jax.data.spec import load_spec
+from dalign_jax.engine.chat import encode_chat, stop_token_ids
+from dalign_jax.engine.sampler import Sampler, SamplingParams
+from dalign_jax.errors import UserError
+from dalign_jax.parallel.mesh import batch_size_multiple, param_shardings, shard_params
+from dalign_jax.rl.advantages import ADVANTAGES
+from dalign_jax.rl.losses import rl_loss
+from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
+from dalign_jax.stages.common import (check_run_header, ensure_writable, jsonl_text, open_mesh, open_prompts,
+                                      read_jsonl, section, write_atomic)
+from dalign_jax.stages.sft import check_finite
+from dalign_jax.train.checkpoint import Checkpointer
+from dalign_jax.train.metrics import MetricsLog, as_host
+from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
+from dalign_jax.train.step import (COMPUTE_DTYPES, abstract_state, compile_train_step, device_batch, host_params,
+                                   init_state, token_logprobs)
+
+
+def starting_policy(config: Config) -> str:
+    """`rl.init`, else the SFT stage's export, else the base policy."""
+    if config.rl.init:
+        return config.rl.init
+    sft_export = config.run_path / "sft" / "export"
+    return str(sft_export) if (sft_export / "config.json").is_file() else config.models.policy
+
+
+def training_batch(prompts: list[list[int]], completions: list[np.ndarray], logprobs: list[np.ndarray],
+                   advantages: np.ndarray, pad_id: int, max_len: int) -> dict[str, np.ndarray]:
+    """Prompt + completion per row, right-padded to a length bucket. `old_logp` holds the sampler's
+    log-probability at each completion token's own index (0 elsewhere)."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    width = next(b for b in length_buckets(max_len) if b >= max(lengths))
+    rows = len(prompts)
+    batch = {"tokens": np.full((rows, width), pad_id, np.int32), "positions": np.full((rows, width), -1, np.int32),
+             "loss_mask": np.zeros((rows, width), np.int32), "old_logp": np.zeros((rows, width), np.float32),
+             "advantages": np.asarray(advantages, np.float32)}
+    for i, (p, c, lp) in enumerate(zip(prompts, completions, logprobs)):
+        n = len(p) + len(c)
+        batch["tokens"][i, :n] = np.concatenate([p, c])
+        batch["positions"][i, :n] = np.arange(n)
+        batch["loss_mask"][i, len(p):n] = 1
+        batch["old_logp"][i, len(p):n] = lp
+    return batch
+
+
+def per_category(rollouts: list[Rollout], rewards: np.ndarray) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for r, value in zip(rollouts, rewards):
+        groups.setdefault(r.prompt.category, []).append(float(value))
+    return {f"reward/{c}": float(np.mean(v)) for c, v in sorted(groups.items())}
+
+
+class Rollouts:
+    """Samples and parses G completions per prompt with the current parameters."""
+
+    def __init__(self, config: Config, model, mesh):
+        rl = config.rl
+        if rl.temperature <= 0:
+            raise UserError("rl.temperature: must be above 0 (the objective needs the sampling distribution)")
+        self.model = model
+        self.group = rl.group_size
+        self.max_new = rl.max_new_tokens
+        self.sampling = SamplingParams(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
+        # Prompts carry no shared spec here, and the parameters change every step: no prefix cache.
+        self.sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0, prefix_min_tokens=0)
+        self.stops = stop_token_ids(model)
+
+    def __call__(self, params, prompts, key):
+        encoded = [encode_chat(self.model.tokenizer, p.chat()) for p in prompts for _ in range(self.group)]
+        out = self.sampler.generate(params, encoded, self.max_new, key, self.sampling, stop_tokens=self.stops)
+        rollouts = []
+        for i, (body, finished) in enumerate(zip(out.content(), out.stopped)):
+            text = self.model.tokenizer.decode(body, skip_special_tokens=False)
+            parsed = parse_completion(text, bool(finished))
+            rollouts.append(Rollout(prompts[i // self.group], text, parsed.answer if parsed.status == "ok" else "",
+                                    parsed.status, int(out.lengths[i])))
+        return encoded, out, rollouts
+
+
+def run_rl(config: Config, force: bool = False) -> dict:
+    from dalign_jax.model.hf_io import export_hf
+    from dalign_jax.model.loader import load_model
+    from dalign_jax.stages.judge import JudgeEngine
+
+    rl, train = config.rl, config.rl.train
+    spec = load_spec(config.spec_dir)
+    prompts = open_prompts(config, spec)
+    out = config.run_path / "rl"
+    ensure_writable(out)
+    mesh = open_mesh(config)
+    rows = rl.prompts_per_step * rl.group_size
+    if rows % (batch_size_multiple(mesh) * train.grad_accum):
+        raise UserError(f"rl.prompts_per_step x rl.group_size = {rows} must be a multiple of mesh data x fsdp "
+                        f"({batch_size_multiple(mesh)}) times rl.train.grad_accum ({train.grad_accum})")
+    if rl.group_size < 2:
+        raise UserError("rl.group_size: needs at least 2 completions per prompt to compare")
+    policy = load_model(starting_policy(config))
+    check_run_header(out, {"policy_model_id": policy.model_id, "judge_model": config.models.judge,
+                           "spec_version": spec.version, "rl": section(config, "rl"), "prompts": section(config, "prompts"),
+                           "seed": config.seed, "mesh": section(config, "mesh")}, force)
+    summary_path = out / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+
+    judge = JudgeEngine(config, mesh)
+    context = RewardContext(spec, judge, rl.max_new_tokens, config.judge.use_expected_mode)
+    optimizer = make_optimizer(train, rl.steps)
+    schedule = learning_rate_schedule(train, rl.steps)
+    dtype = COMPUTE_DTYPES[train.compute_dtype]
+    loss_fn = functools.partial(rl_loss, cfg=policy.cfg, temperature=rl.temperature, clip_low=rl.clip_low,
+                                clip_high=rl.clip_high, kl_coef=rl.kl_coef, aggregation=rl.aggregation,
+                                max_tokens=rl.max_new_tokens, compute_dtype=dtype, remat=train.remat)
+    reference = shard_params(policy.params, mesh)  # frozen: never given to the optimiser
+    reference_logp = jax.jit(functools.partial(token_logprobs, cfg=policy.cfg, temperature=rl.temperature),
+                             in_shardings=(param_shardings(reference, mesh), None, None))
+    checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
+    start = checkpoints.latest_step() or 0
+    if start:
+        target, sharding = abstract_state(policy.params, optimizer, mesh)
+        state, _, _ = checkpoints.restore(start, target)
+    else:
+        state, sharding = init_state(policy.params, optimizer, mesh)
+    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh)
+    sample = Rollouts(config, policy, mesh)
+    order = np.random.default_rng(config.seed).permutation(len(prompts))
+    log = MetricsLog(out, start, enabled=jax.process_index() == 0)
+    rollout_rows = read_jsonl(out / "rollouts.jsonl") if (out / "rollouts.jsonl").is_file() else []
+    rollout_rows = [r for r in rollout_rows if r["step"] <= start]
+    pad_id = policy.tokenizer.pad_token_id or 0
+    max_len = max(len(encode_chat(policy.tokenizer, p.chat())) for p in prompts) + rl.max_new_tokens
+
+    bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="rl", unit="step",
+               disable=jax.process_index() != 0)
+    for step in bar:
+        chosen = [prompts[order[(step * rl.prompts_per_step + i) % len(prompts)]] for i in range(rl.prompts_per_step)]
+        started = time.perf_counter()
+        encoded, sampled, rollouts = sample(state.params, chosen, jax.random.fold_in(jax.random.key(config.seed), step))
+        sampled_s = time.perf_counter() - started
+        rewards, parts = total_rewards(context, rl.rewards, rollouts, rl.malformed_reward)
+        advantages = np.asarray(ADVANTAGES[rl.advantage](jnp.asarray(rewards.reshape(-1, rl.group_size)))).reshape(-1)
+        judged_s = time.perf_counter() - started - sampled_s
+        local = training_batch(encoded, sampled.tokens, sampled.logprobs, advantages, pad_id, max_len)
+        ref = np.asarray(reference_logp(reference, local["tokens"], local["positions"]))
+        local["ref_logp"] = np.concatenate([np.zeros((ref.shape[0], 1), np.float32), ref], axis=1)
+        state, metrics = step_fn(state, device_batch(local, mesh, train.grad_accum))
+        metrics = as_host(metrics)
+        check_finite(metrics, step + 1, checkpoints)
+        metrics.update(reward=float(rewards.mean()), malformed=float(np.mean([r.status != "ok" for r in rollouts])),
+                       response_tokens=float(np.mean([r.num_tokens for r in rollouts])),
+                       rollout_s=sampled_s, reward_s=judged_s, step_s=time.perf_counter() - started,
+                       **{f"reward_{k}": float(np.nanmean(v)) if np.isfinite(v).any() else None for k, v in parts.items()},
+                       **per_category(rollouts, rewards))
+        done = step + 1
+        log.log(done, metrics)
+        rollout_rows += [{"step": done, "prompt_id": r.prompt.id, "category": r.prompt.category, "status": r.status,
+                          "reward": float(v), "advantage": float(a), "completion": r.text}
+                         for r, v, a in zip(rollouts, rewards, advantages)]
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}",
+                        gap=f"{metrics['logprob_gap']:.1e}")
+        if done % train.save_every == 0 or done == rl.steps:
+            if jax.process_index() == 0:
+                write_atomic(out / "rollouts.jsonl", jsonl_text(rollout_rows))
+            checkpoints.save(done, state, {"step": done}, {"step": done, "steps": rl.steps})
+    log.close()
+    checkpoints.close()
+
+    export_dir = None
+    if jax.process_index() == 0:
+        export_dir = str(export_hf(out / "export", policy.hf_config, policy.cfg, host_params(state.params),
+                                   policy.tokenizer))
+    summary = rl_summary(log.rows, rl.steps, export_dir)
+    if jax.process_index() == 0:
+        write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def rl_summary(rows: list[dict], steps: int, export_dir: str | None) -> dict:
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    window = max(1, len(rewards) // 4)  # first and last quarter of the run, to see past the sampling noise
+    return {"steps": steps, "start_reward": float(np.mean(rewards[:window])) if rewards else None,
+            "end_reward": float(np.mean(rewards[-window:])) if rewards else None,
+            "final_kl": rows[-1].get("kl") if rows else None,
+            "max_logprob_gap": max((r["logprob_gap"] for r in rows if "logprob_gap" in r), default=None),
+            "export": export_dir, "complete": True}
