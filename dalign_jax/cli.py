@@ -127,12 +127,18 @@ STAGES = {
     "judge": _stage("judge", "run_judge"),
     "sft": _stage("sft", "run_sft"),
     "rl": _stage("rl", "run_rl"),
+    "eval": _stage("eval", "run_eval"),
+    "report": _stage("report", "run_report"),
+    "run": _stage("pipeline", "run_pipeline"),
 }
 STAGE_HELP = {
     "distill": "sample analyses and answers with the spec in context",
     "judge": "score distilled completions and write the SFT set",
     "sft": "fine-tune the policy on the judged set (spec removed), with checkpoints and HF export",
     "rl": "GRPO against the spec-aware judge (final answers only), with checkpoints and HF export",
+    "eval": "evaluate base, SFT and RL models on prompt sets with the rule and judge graders",
+    "report": "write report.md, report.html and plots from the evaluation and training logs",
+    "run": "every stage in order: distill, judge, sft, rl, eval, report (finished work is skipped)",
 }
 
 

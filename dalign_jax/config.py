@@ -131,6 +131,21 @@ class RL:
 
 
 @dataclasses.dataclass
+class Eval:
+    # Models to evaluate: base (models.policy), sft and rl (this run's exports), or HF directories /
+    # .gguf files; names of stages that have not run are skipped.
+    checkpoints: list[str] = dataclasses.field(default_factory=lambda: ["base", "sft", "rl"])
+    prompts: str = ""  # an extra prompt set: our JSONL, AdvBench / StrongREJECT CSV, or CSV with prompt + label
+    heldout: bool = True  # our prompt set's held-out split (prompts.path)
+    strongreject: str = ""  # path of the StrongREJECT CSV; "": not evaluated
+    limit: int = 0  # at most this many prompts per set (0: all)
+    jailbreak_prompts: int = 8  # disallowed prompts per set wrapped in every jailbreak template
+    max_new_tokens: int = 128
+    batch_size: int = 32
+    judge_grader: bool = True  # also grade with the judge model and the spec (beside the rule grader)
+
+
+@dataclasses.dataclass
 class Config:
     run_dir: str = "runs/default"
     spec_dir: str = "specs"
@@ -143,6 +158,7 @@ class Config:
     judge: Judge = dataclasses.field(default_factory=Judge)
     sft: SFT = dataclasses.field(default_factory=SFT)
     rl: RL = dataclasses.field(default_factory=RL)
+    eval: Eval = dataclasses.field(default_factory=Eval)
 
     @property
     def run_path(self) -> Path:
@@ -157,6 +173,8 @@ def _type_ok(value, hint) -> bool:
         return value in typing.get_args(hint)
     if hint is type(None):
         return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, typing.get_args(hint)[0]) for v in value)
     if origin is dict:
         key_hint, value_hint = typing.get_args(hint)
         return isinstance(value, dict) and all(_type_ok(k, key_hint) and _type_ok(v, value_hint)
@@ -181,6 +199,8 @@ def _describe(hint) -> str:
         return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     if typing.get_origin(hint) is typing.Union:
         return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return "a list of " + _describe(typing.get_args(hint)[0])
     if typing.get_origin(hint) is dict:
         return "a mapping of " + " to ".join(_describe(h) for h in typing.get_args(hint))
     return "null" if hint is type(None) else hint.__name__

@@ -174,4 +174,31 @@ def load_prompt_set(path: str | Path, categories: Iterable[str]) -> list[Prompt]
         return load_strongreject(path)
     if "goal" in header:
         return load_advbench(path)
-    raise UserError(f"{path}: unknown CSV prompt set (expected a 'goal' or 'forbidden_prompt' column)")
+    if "prompt" in header:
+        return load_labelled_csv(path, set(categories))
+    raise UserError(f"{path}: unknown CSV prompt set (expected a 'prompt', 'goal' or 'forbidden_prompt' column)")
+
+
+LABELS = {"refuse": "refuse", "harmful": "refuse", "unsafe": "refuse", "1": "refuse", "comply": "comply",
+          "benign": "comply", "safe": "comply", "0": "comply", "safe_complete": "safe_complete"}
+
+
+def load_labelled_csv(path: Path, categories: set[str]) -> list[Prompt]:
+    """A CSV with a `prompt` column and a `label` or `expected_mode` column (refuse/comply/safe_complete,
+    or harmful/benign, unsafe/safe, 1/0), and optionally `category` (else guessed from the words)."""
+    rows = _read_csv(path, "prompt")
+    column = "expected_mode" if "expected_mode" in rows[0] else "label" if "label" in rows[0] else None
+    if column is None:
+        raise UserError(f"{path}: expected a 'label' or 'expected_mode' column beside 'prompt'")
+    prompts = []
+    for n, row in enumerate(rows, 2):  # line 1 is the header
+        mode = LABELS.get(str(row[column]).strip().lower())
+        if mode is None:
+            raise UserError(f"{path}:{n}: field {column}: {row[column]!r} is not one of {', '.join(LABELS)}")
+        if not row["prompt"].strip():
+            raise UserError(f"{path}:{n}: field prompt: empty prompt")
+        category = row.get("category") or advbench_category(row["prompt"])
+        if category not in categories:
+            raise UserError(f"{path}:{n}: field category: unknown category {category!r}")
+        prompts.append(Prompt(f"{path.stem}-{n - 1:04d}", category, (("user", row["prompt"]),), mode))
+    return prompts

@@ -1,0 +1,48 @@
+"""`dalign run` end to end on the tiny model: every stage, the report, and an export transformers loads."""
+import json
+
+import numpy as np
+
+from dalign_jax.cli import main
+
+
+def test_run_every_stage_then_report(mini_run, tmp_path, capsys):
+    prompts = tmp_path / "eval.jsonl"
+    rows = [{"id": f"e{i}", "category": "alpha", "expected_mode": "refuse" if i % 2 else "comply",
+             "messages": [{"role": "user", "content": f"eval question {i}"}]} for i in range(4)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The tiny random model's completions never parse, so the judge keeps none: SFT reads a fixture.
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps({"id": f"s{i}", "messages": [
+        {"role": "user", "content": f"question {i}"},
+        {"role": "assistant", "content": f"Analysis: AL-1 applies.\n### Final answer\nAnswer {i}."}]}) + "\n"
+        for i in range(8)))
+    overrides = ["mesh.devices=1", f"sft.data={sft_data}", "sft.steps=2", "sft.batch_size=2", "rl.steps=2", "rl.prompts_per_step=1",
+                 "rl.group_size=2", "rl.max_new_tokens=8", "eval.heldout=false", f"eval.prompts={prompts}",
+                 "eval.max_new_tokens=8", "eval.jailbreak_prompts=1", "eval.batch_size=8"]
+    assert main(["run", str(mini_run)] + overrides) == 0
+    result = json.loads(capsys.readouterr().out)
+    run = tmp_path / "run"
+    assert set(result) == {"distill", "judge", "sft", "rl", "eval", "report", "export"}
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"base", "sft", "rl"}
+    for per_set in metrics.values():
+        rule = per_set["eval"]["rule"]
+        assert rule["not_unsafe"]["n"] == 2 and rule["not_overrefuse"]["n"] == 2
+        assert rule["goodness_at_0.1"]["n"] == 1 and "judge" in per_set["eval"]
+    responses = (run / "eval" / "rl" / "eval.jsonl").read_text().splitlines()
+    assert len(responses) == 4 + 10  # four prompts, one disallowed prompt in ten jailbreak templates
+    report = (run / "report.md").read_text()
+    assert "not_unsafe" in report and "pareto.png" in report
+    assert (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64," in (run / "report.html").read_text()
+
+    import torch
+    import transformers
+
+    exported = transformers.AutoModelForCausalLM.from_pretrained(result["export"])
+    with torch.no_grad():
+        logits = exported(torch.tensor([[1, 2, 3]])).logits
+    assert np.isfinite(logits.numpy()).all()
+    # A second run finds every stage complete and does no work.
+    assert main(["run", str(mini_run)] + overrides) == 0
