@@ -16,6 +16,9 @@ def initialize(enabled: bool, coordinator: str | None = None, num_processes: int
     global _initialized
     if not enabled or _initialized:
         return
+    # CPU processes need a collectives library to exchange data (on GPU and TPU the runtime has one).
+    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
     _initialized = True
