@@ -262,7 +262,31 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             value = text
         _merge(raw, key.strip(), value)
         source = f"{source} + overrides" if "overrides" not in source else source
-    return _build(Config, raw, "", source)
+    config = _build(Config, raw, "", source)
+    _check_ranges(config, source)
+    return config
+
+
+# Dotted key -> (low, high) inclusive bounds on values that a type alone does not constrain.
+RANGES = {
+    "judge.threshold": (0.0, 1.0), "judge.runs": (1, None), "judge.best_of_n": (1, None),
+    "distill.samples_per_prompt": (1, None), "distill.temperature": (0.0, None), "distill.top_p": (0.0, 1.0),
+    "sft.heldout_fraction": (0.0, 0.9), "sft.capability_ratio": (0.0, 0.9), "sft.batch_size": (1, None),
+    "sft.max_seq_len": (8, None), "sft.train.grad_accum": (1, None), "sft.train.learning_rate": (0.0, None),
+    "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),
+    "rl.train.grad_accum": (1, None), "rl.clip_low": (0.0, 1.0), "rl.clip_high": (0.0, None),
+    "rl.kl_coef": (0.0, None), "eval.max_new_tokens": (1, None), "eval.batch_size": (1, None),
+}
+
+
+def _check_ranges(config: Config, source: str) -> None:
+    for dotted, (low, high) in RANGES.items():
+        value = config
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise UserError(f"{source}: config key {dotted}: must be {bounds}, got {value!r}")
 
 
 def config_to_dict(config: Config) -> dict:

@@ -1,5 +1,6 @@
 """The command line as a person uses it."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -110,3 +111,11 @@ def test_generate_and_export_run_without_pytorch(tiny_chat_model, tmp_path):
         result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    from dalign_jax.config import load_config
+
+    config = load_config(path)
+    assert config.run_dir.startswith("runs/")

@@ -135,6 +135,18 @@ def _parse_policy(key: str, path: Path) -> Policy:
     return Policy(key, title, prefix, " ".join(summary), "\n".join(definitions).strip(), tuple(built))
 
 
+def _check_citations(policies: dict[str, Policy], seen: dict[str, Path]) -> None:
+    """A rule that cites another ("see IB-3") must cite one that exists: a renumbered spec would
+    otherwise teach the model to cite sections that are gone."""
+    prefixes = "|".join(sorted(p.prefix for p in policies.values()))
+    citation = re.compile(rf"\b(?:{prefixes})-\d+\b")
+    for policy in policies.values():
+        for section in policy.sections:
+            for cited in citation.findall(f"{section.title} {section.text}"):
+                if cited not in seen:
+                    raise UserError(f"{seen[section.id]}: section {section.id} cites {cited}, which does not exist")
+
+
 def load_spec(spec_dir: str | Path) -> Spec:
     spec_dir = Path(spec_dir)
     manifest_path = spec_dir / "manifest.yaml"
@@ -161,6 +173,7 @@ def load_spec(spec_dir: str | Path) -> Spec:
             raise UserError(f"{path}: ID {policy.prefix} is used by another category")
         policies[str(key)] = policy
         digest.update(path.read_bytes())
+    _check_citations(policies, seen)
     style_path = spec_dir / manifest["style"]
     if not style_path.is_file():
         raise UserError(f"{style_path}: style guide listed in the manifest does not exist")

@@ -23,6 +23,9 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, permissions: say which file, leave no partial one
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -70,8 +73,12 @@ def check_run_header(stage_dir: Path, header: dict, force: bool = False) -> None
             )
         return
     if path.is_file() and force:
+        import shutil
+
         for f in stage_dir.iterdir():
-            if f.is_file():
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
                 f.unlink()
     write_atomic(path, json.dumps(header, indent=2, sort_keys=True) + "\n")
 
