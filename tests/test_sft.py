@@ -204,3 +204,20 @@ def test_exact_resume_after_kill(tmp_path, tiny_chat_model, sft_data):
         assert np.array_equal(a, b)
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(17))
+
+
+@pytest.mark.parametrize("option, tolerance", [(dict(remat=True), 1e-6), (dict(compute_dtype="bfloat16"), 3e-2)])
+def test_memory_and_precision_options_match_float32(tiny_chat_model, option, tolerance):
+    """Remat recomputes the same numbers; bfloat16 compute (float32 master weights) stays close."""
+    from dalign_jax.stages.sft import make_loss
+
+    model = load_model(str(tiny_chat_model))
+    local = _batch(model.tokenizer, conversations(4))
+    params = jax.device_put(model.params)
+    grad = lambda train: jax.value_and_grad(lambda p: (lambda l, w, a: l / w)(*make_loss(model.cfg, train)(p, local)))  # noqa: E731
+    loss, grads = grad(Train())(params)
+    other_loss, other_grads = grad(Train(**option))(params)
+    assert float(other_loss) == pytest.approx(float(loss), rel=tolerance)
+    assert all(g.dtype == np.float32 for g in jax.tree.leaves(other_grads))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other_grads)):
+        np.testing.assert_allclose(a, b, atol=tolerance * max(1.0, float(np.abs(a).max())) * 10)
