@@ -1,25 +1,32 @@
 """`dalign run` end to end on the tiny model: every stage, the report, and an export transformers loads."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 
 from dalign_jax.cli import main
 
 
-def test_run_every_stage_then_report(mini_run, tmp_path, capsys):
+def pipeline_overrides(tmp_path) -> list[str]:
+    """Tiny sizes for every stage, an eval set with two allowed and two disallowed prompts, and an SFT
+    fixture (the tiny random model's completions never parse, so the judge keeps none)."""
     prompts = tmp_path / "eval.jsonl"
     rows = [{"id": f"e{i}", "category": "alpha", "expected_mode": "refuse" if i % 2 else "comply",
              "messages": [{"role": "user", "content": f"eval question {i}"}]} for i in range(4)]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # The tiny random model's completions never parse, so the judge keeps none: SFT reads a fixture.
     sft_data = tmp_path / "sft.jsonl"
     sft_data.write_text("".join(json.dumps({"id": f"s{i}", "messages": [
         {"role": "user", "content": f"question {i}"},
         {"role": "assistant", "content": f"Analysis: AL-1 applies.\n### Final answer\nAnswer {i}."}]}) + "\n"
         for i in range(8)))
-    overrides = ["mesh.devices=1", f"sft.data={sft_data}", "sft.steps=2", "sft.batch_size=2", "rl.steps=2", "rl.prompts_per_step=1",
-                 "rl.group_size=2", "rl.max_new_tokens=8", "eval.heldout=false", f"eval.prompts={prompts}",
-                 "eval.max_new_tokens=8", "eval.jailbreak_prompts=1", "eval.batch_size=8"]
+    return ["mesh.devices=1", f"sft.data={sft_data}", "sft.steps=2", "sft.batch_size=2", "rl.steps=2",
+            "rl.prompts_per_step=1", "rl.group_size=2", "rl.max_new_tokens=8", "eval.heldout=false",
+            f"eval.prompts={prompts}", "eval.max_new_tokens=8", "eval.jailbreak_prompts=1", "eval.batch_size=8"]
+
+
+def test_run_every_stage_then_report(mini_run, tmp_path, capsys):
+    overrides = pipeline_overrides(tmp_path)
     assert main(["run", str(mini_run)] + overrides) == 0
     result = json.loads(capsys.readouterr().out)
     run = tmp_path / "run"
@@ -46,3 +53,14 @@ def test_run_every_stage_then_report(mini_run, tmp_path, capsys):
     assert np.isfinite(logits.numpy()).all()
     # A second run finds every stage complete and does no work.
     assert main(["run", str(mini_run)] + overrides) == 0
+
+
+def test_run_needs_no_pytorch(mini_run, tmp_path):
+    """The whole pipeline with torch made unimportable (`sys.modules["torch"] = None`)."""
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "from dalign_jax.cli import main\n"
+              "rc = main(sys.argv[1:]); assert 'torch' not in [m for m, v in sys.modules.items() if v]; sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", script, "run", str(mini_run)] + pipeline_overrides(tmp_path),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "report.html").is_file()
