@@ -126,6 +126,7 @@ class RL:
     clip_low: float = 0.2  # PPO ratio clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.28
     kl_coef: float = 0.02  # k3 estimate of KL(policy || reference)
+    updates_per_rollout: int = 1  # optimiser steps on each batch of rollouts (PPO epochs); above 1 the clip acts
     train: Train = dataclasses.field(default_factory=lambda: Train(learning_rate=1e-6, warmup_steps=0,
                                                                    save_every=10))
 
@@ -275,7 +276,7 @@ RANGES = {
     "sft.max_seq_len": (8, None), "sft.train.grad_accum": (1, None), "sft.train.learning_rate": (0.0, None),
     "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),
     "rl.train.grad_accum": (1, None), "rl.clip_low": (0.0, 1.0), "rl.clip_high": (0.0, None),
-    "rl.kl_coef": (0.0, None), "eval.max_new_tokens": (1, None), "eval.batch_size": (1, None),
+    "rl.kl_coef": (0.0, None), "rl.updates_per_rollout": (1, None), "eval.max_new_tokens": (1, None), "eval.batch_size": (1, None),
 }
 
 

@@ -105,9 +105,14 @@ def test_update_leaves_the_reference_untouched_and_the_gap_is_zero(tiny_chat_mod
         batch["old_logp"] = np.where(batch["loss_mask"] == 1, np.pad(current, ((0, 0), (1, 0))), 0).astype(np.float32)
         ref = np.asarray(token_logprobs(reference, batch["tokens"], batch["positions"], cfg=model.cfg, temperature=0.7))
         batch["ref_logp"] = np.pad(ref, ((0, 0), (1, 0))).astype(np.float32)
+        if i == 0:
+            first = dict(batch)
         state, metrics = step(state, device_batch(batch, mesh, 1))
         assert float(metrics["logprob_gap"]) < 1e-6
         assert (float(metrics["kl"]) == 0.0) == (i == 0)
+    # Log-probabilities from weights three updates old: the gap shows it, and the clip acts.
+    state, metrics = step(state, device_batch(first, mesh, 1))
+    assert float(metrics["logprob_gap"]) > 1e-3 and float(metrics["clip_fraction"]) > 0
     for a, b in zip(before, jax.tree.leaves(reference)):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree.leaves(state.params)))
@@ -115,7 +120,8 @@ def test_update_leaves_the_reference_untouched_and_the_gap_is_zero(tiny_chat_mod
 
 def test_rl_stage_runs_resumes_and_logs(mini_run):
     overrides = ["rl.steps=3", "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=8",
-                 "rl.train.save_every=2", "rl.rewards={judge: 1.0, length: 0.1}", "mesh.devices=1"]
+                 "rl.train.save_every=2", "rl.rewards={judge: 1.0, length: 0.1}", "rl.updates_per_rollout=2",
+                 "mesh.devices=1"]
     config = load_config(mini_run, overrides)
     summary = run_rl(config)
     out = config.run_path / "rl"

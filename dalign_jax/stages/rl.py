@@ -129,8 +129,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
 
     judge = JudgeEngine(config, mesh)
     context = RewardContext(spec, judge, rl.max_new_tokens, config.judge.use_expected_mode)
-    optimizer = make_optimizer(train, rl.steps)
-    schedule = learning_rate_schedule(train, rl.steps)
+    optimizer = make_optimizer(train, rl.steps * rl.updates_per_rollout)
+    schedule = learning_rate_schedule(train, rl.steps * rl.updates_per_rollout)
     dtype = COMPUTE_DTYPES[train.compute_dtype]
     loss_fn = functools.partial(rl_loss, cfg=policy.cfg, temperature=rl.temperature, clip_low=rl.clip_low,
                                 clip_high=rl.clip_high, kl_coef=rl.kl_coef, aggregation=rl.aggregation,
@@ -167,9 +167,14 @@ def run_rl(config: Config, force: bool = False) -> dict:
         local = training_batch(encoded, sampled.tokens, sampled.logprobs, advantages, pad_id, max_len)
         ref = np.asarray(reference_logp(reference, local["tokens"], local["positions"]))
         local["ref_logp"] = np.concatenate([np.zeros((ref.shape[0], 1), np.float32), ref], axis=1)
-        state, metrics = step_fn(state, device_batch(local, mesh, train.grad_accum))
-        metrics = as_host(metrics)
-        check_finite(metrics, step + 1, checkpoints)
+        batch = device_batch(local, mesh, train.grad_accum)
+        for update in range(rl.updates_per_rollout):
+            state, metrics = step_fn(state, batch)
+            metrics = as_host(metrics)
+            check_finite(metrics, step + 1, checkpoints)
+            if update == 0:  # the sampler's weights: the gap must be near zero here
+                gap = metrics["logprob_gap"]
+        metrics["logprob_gap"] = gap
         metrics.update(reward=float(rewards.mean()), malformed=float(np.mean([r.status != "ok" for r in rollouts])),
                        response_tokens=float(np.mean([r.num_tokens for r in rollouts])),
                        rollout_s=sampled_s, reward_s=judged_s, step_s=time.perf_counter() - started,
