@@ -65,6 +65,23 @@ def _pickle(model: Path, tmp: Path) -> Path:
     return path
 
 
+def _unsupported_gguf(model: Path, tmp: Path) -> Path:
+    """A GGUF whose embedding is IQ2_XXS, a quantisation we do not dequantise."""
+    import gguf
+    import numpy as np
+
+    path = tmp / "iq2.gguf"
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ2_XXS]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 256 // block * size), np.uint8),
+                      raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _other_shape_checkpoint(model: Path, tmp: Path, config: Path) -> list[str]:
     """Train a run briefly, then put its checkpoints under a run of a model of another width."""
     from conftest import make_hf_model, add_byte_tokenizer, FAMILIES
@@ -129,6 +146,8 @@ CASES = {
                           r"pytorch_model.bin: pickle checkpoints are never loaded"),
     "tokenizer does not match the model": (lambda t, m, c, mp: ["generate", "--model", str(_big_tokenizer(m, t)), "--prompt", "hi"],
                                            r"tokenizer has 292 tokens but the model's vocab_size is 256"),
+    "GGUF of an unsupported quantisation": (lambda t, m, c, mp: ["generate", "--model", str(_unsupported_gguf(m, t)), "--prompt", "hi"],
+                                            r"iq2.gguf: tensor token_embd.weight uses quantisation IQ2_XXS, which is not supported"),
     "non-finite loss": (lambda t, m, c, mp: ["sft", str(c), "mesh.devices=1", f"sft.data={_sft_data(t)}", "sft.steps=3",
                                              "sft.batch_size=2", "sft.train.learning_rate=1e30", "sft.train.max_grad_norm=0"],
                         r"step \d: non-finite loss"),

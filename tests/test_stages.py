@@ -115,3 +115,11 @@ def test_judge_input_without_cot_never_contains_it():
     assert "another reviewer judged the ideal response to be to comply" in without[1]["content"]
     assert judge_messages(spec, "violence", conversation, "x", variant=0) != judge_messages(
         spec, "violence", conversation, "x", variant=1)
+
+
+def test_generated_scores_outside_the_scale_are_not_misread():
+    from dalign_jax.stages.judge import parse_score
+
+    assert parse_score("Reasoning... Score: 7") == pytest.approx(7 / 9)
+    assert parse_score("Score: 3. On reflection, Score: 12") == pytest.approx(3 / 9)
+    assert parse_score("Score: 15") == 0.0 and parse_score("no score") == 0.0

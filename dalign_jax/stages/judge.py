@@ -102,9 +102,10 @@ class JudgeEngine:
 
 
 def parse_score(text: str) -> float:
-    """The last "Score: N" in a generated judgement, in [0, 1]; 0 when there is none."""
-    found = re.findall(r"score\s*[:=]?\s*(\d)", text, re.IGNORECASE)
-    return int(found[-1]) / (SCALE - 1) if found else 0.0
+    """The last "Score: N" with N on the scale (0-9) in a generated judgement, in [0, 1]; 0 when there
+    is none. An out-of-range number ("Score: 12") is not read as its first digit."""
+    found = [int(n) for n in re.findall(r"score\s*[:=]?\s*(\d+)", text, re.IGNORECASE) if int(n) < SCALE]
+    return found[-1] / (SCALE - 1) if found else 0.0
 
 
 def _judge_shard(config: Config, spec: Spec, engine: JudgeEngine, records: list[dict]) -> list[dict]:
