@@ -17,9 +17,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from dalign_jax.data.completion import format_completion
 from dalign_jax.data.prompts import read_prompts, split
 from dalign_jax.data.spec import load_spec
 from dalign_jax.engine.sampler import Sampler, SamplingParams

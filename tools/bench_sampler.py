@@ -10,7 +10,6 @@ import argparse
 import time
 
 import jax
-import numpy as np
 
 from dalign_jax.engine.chat import encode_chat
 from dalign_jax.engine.sampler import Sampler, SamplingParams

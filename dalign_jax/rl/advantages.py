@@ -9,16 +9,13 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from dalign_jax.registry import registrar
+
 AdvantageFn = Callable[[jnp.ndarray], jnp.ndarray]
 ADVANTAGES: dict[str, AdvantageFn] = {}
 STD_EPS = 1e-4
 
-
-def register(name: str):
-    def add(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGES[name] = fn
-        return fn
-    return add
+register = registrar(ADVANTAGES)
 
 
 @register("grpo")

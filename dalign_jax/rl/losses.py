@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dalign_jax.model.config import ModelConfig
+from dalign_jax.registry import registrar
 from dalign_jax.train.step import token_logprobs
 
 
@@ -35,12 +36,7 @@ def kl_k3(logp, ref_logp):
 Aggregation = Callable[[jnp.ndarray, jnp.ndarray, int], tuple[jnp.ndarray, jnp.ndarray]]
 AGGREGATIONS: dict[str, Aggregation] = {}
 
-
-def register_aggregation(name: str):
-    def add(fn: Aggregation) -> Aggregation:
-        AGGREGATIONS[name] = fn
-        return fn
-    return add
+register_aggregation = registrar(AGGREGATIONS)
 
 
 @register_aggregation("token_mean")

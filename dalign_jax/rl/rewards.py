@@ -16,6 +16,7 @@ import numpy as np
 from dalign_jax.data.prompts import Prompt
 from dalign_jax.data.spec import Spec
 from dalign_jax.errors import UserError
+from dalign_jax.registry import registrar
 from dalign_jax.stages.judge import judge_messages
 
 
@@ -43,12 +44,7 @@ class RewardContext:
 RewardFn = Callable[[RewardContext, list[Rollout]], np.ndarray]
 REWARDS: dict[str, RewardFn] = {}
 
-
-def register(name: str):
-    def add(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
-        return fn
-    return add
+register = registrar(REWARDS)
 
 
 def judge_reward_messages(spec: Spec, prompt: Prompt, answer: str, use_expected_mode: bool = True) -> list[dict]:

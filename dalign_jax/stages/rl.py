@@ -34,11 +34,10 @@ from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
 from dalign_jax.stages.common import (check_run_header, ensure_writable, jsonl_text, open_mesh, open_prompts,
                                       read_jsonl, section, write_atomic)
 from dalign_jax.stages.sft import check_finite
-from dalign_jax.train.checkpoint import Checkpointer
+from dalign_jax.train.checkpoint import Checkpointer, restore_or_start
 from dalign_jax.train.metrics import MetricsLog, as_host
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
-from dalign_jax.train.step import (COMPUTE_DTYPES, abstract_state, compile_train_step, device_batch, host_params,
-                                   init_state, token_logprobs)
+from dalign_jax.train.step import COMPUTE_DTYPES, compile_train_step, device_batch, host_params, token_logprobs
 
 
 def starting_policy(config: Config) -> str:
@@ -139,12 +138,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
     reference_logp = jax.jit(functools.partial(token_logprobs, cfg=policy.cfg, temperature=rl.temperature),
                              in_shardings=(param_shardings(reference, mesh), None, None))
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
-    if start:
-        target, sharding = abstract_state(policy.params, optimizer, mesh)
-        state, _, _ = checkpoints.restore(start, target)
-    else:
-        state, sharding = init_state(policy.params, optimizer, mesh)
+    state, sharding, start, _ = restore_or_start(checkpoints, policy.params, optimizer, mesh)
     step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh)
     sample = Rollouts(config, policy, mesh)
     order = np.random.default_rng(config.seed).permutation(len(prompts))

@@ -24,11 +24,11 @@ from dalign_jax.data.sft_data import (ConversationSource, batches, collate, leng
 from dalign_jax.errors import UserError
 from dalign_jax.parallel.mesh import batch_size_multiple
 from dalign_jax.stages.common import check_run_header, ensure_writable, open_mesh, section, write_atomic
-from dalign_jax.train.checkpoint import Checkpointer
+from dalign_jax.train.checkpoint import Checkpointer, restore_or_start
 from dalign_jax.train.metrics import MetricsLog, as_host, measure_peak_flops, train_flops_per_token
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
-from dalign_jax.train.step import (COMPUTE_DTYPES, abstract_state, batch_shardings, compile_eval_loss,
-                                   compile_train_step, device_batch, host_params, init_state, sft_loss)
+from dalign_jax.train.step import (COMPUTE_DTYPES, batch_shardings, compile_eval_loss, compile_train_step,
+                                   device_batch, host_params, sft_loss)
 
 
 def file_digest(path: Path) -> str:
@@ -126,13 +126,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
     schedule = learning_rate_schedule(train, steps)
     loss_fn = make_loss(model.cfg, train)
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
-    if start:
-        target, sharding = abstract_state(model.params, optimizer, mesh)
-        state, data_state, _ = checkpoints.restore(start, target)
-    else:
-        state, sharding = init_state(model.params, optimizer, mesh)
-        data_state = None
+    state, sharding, start, data_state = restore_or_start(checkpoints, model.params, optimizer, mesh)
     del model.params  # the state holds them now
 
     stream = batches(source, train_idx, model.tokenizer, global_batch=rows * accum, max_len=config.sft.max_seq_len,

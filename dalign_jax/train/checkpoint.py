@@ -50,3 +50,17 @@ def _check_shapes(state, target, where: Path) -> None:
     want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), target)
     if got != want:
         raise UserError(f"{where}: checkpoint does not fit this model (a different model shape)")
+
+
+def restore_or_start(checkpoints: Checkpointer, params, optimizer, mesh):
+    """The train state from the latest checkpoint, or a new one from `params`: (state, its shardings,
+    the step it is at, the data iterator state saved with it or None)."""
+    from dalign_jax.train.step import abstract_state, init_state
+
+    start = checkpoints.latest_step() or 0
+    if not start:
+        state, sharding = init_state(params, optimizer, mesh)
+        return state, sharding, 0, None
+    target, sharding = abstract_state(params, optimizer, mesh)
+    state, data_state, _ = checkpoints.restore(start, target)
+    return state, sharding, start, data_state
