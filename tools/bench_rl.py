@@ -29,6 +29,7 @@ from dalign_jax.rl.losses import rl_loss
 from dalign_jax.stages.rl import training_batch
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
 from dalign_jax.train.step import compile_train_step, device_batch, init_state, token_logprobs
+from peer_timing import step_timer  # tools/ is on the path when a tool runs
 
 PROMPTS = ["How do I safely store cleaning chemicals at home?", "Write a short poem about the sea."]
 BETA = 0.02
@@ -72,19 +73,7 @@ def bench_ours(model, group: int, new_tokens: int, steps: int):
 
 def bench_peer(model_dir: Path, group: int, new_tokens: int, steps: int):
     import datasets
-    import transformers
     import trl
-
-    class Timer(transformers.TrainerCallback):
-        def __init__(self):
-            self.times, self.start = [], 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
-            print(f"peer step {len(self.times) - 1}: {self.times[-1]:.1f} s", flush=True)
 
     def length_reward(completions, **kwargs):
         return reward([len(c[0]["content"]) for c in completions]).tolist()
@@ -95,7 +84,7 @@ def bench_peer(model_dir: Path, group: int, new_tokens: int, steps: int):
         max_completion_length=new_tokens, temperature=1.0, beta=BETA, learning_rate=1e-6, max_steps=steps + 1,
         logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
         generation_kwargs={"min_new_tokens": new_tokens})
-    timer = Timer()
+    timer = step_timer()
     trainer = trl.GRPOTrainer(model=str(model_dir), reward_funcs=length_reward, args=args, train_dataset=data,
                               callbacks=[timer])
     trainer.train()

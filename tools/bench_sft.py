@@ -36,6 +36,7 @@ from dalign_jax.parallel.mesh import make_mesh  # noqa: E402
 from dalign_jax.train.metrics import measure_peak_flops, train_flops_per_token  # noqa: E402
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from dalign_jax.train.step import compile_train_step, device_batch, init_state, sft_loss  # noqa: E402
+from peer_timing import step_timer  # noqa: E402  (tools/ is on the path when a tool runs)
 
 
 def make_batches(vocab: int, rows: int, length: int, count: int) -> list[np.ndarray]:
@@ -72,17 +73,7 @@ def bench_peer(model_dir, batches):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for b in batches for r in b]
 
-    class Timer(transformers.TrainerCallback):
-        def __init__(self):
-            self.times, self.start = [], 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
-
-    timer = Timer()
+    timer = step_timer()
     args = transformers.TrainingArguments(
         output_dir="/tmp/bench_sft_peer", per_device_train_batch_size=batches[0].shape[0], max_steps=len(batches),
         learning_rate=1e-5, max_grad_norm=1.0, lr_scheduler_type="constant", logging_strategy="no",
