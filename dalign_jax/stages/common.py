@@ -116,6 +116,20 @@ def open_prompts(config: Config, spec) -> list:
     return prompts
 
 
+def export_trained(directory: Path, model, params) -> str | None:
+    """Write trained parameters as a HF directory. Every process must call this: gathering the
+    parameters is a collective on multi-host. Process 0 writes; it alone returns the path."""
+    import jax
+
+    from dalign_jax.model.hf_io import export_hf
+    from dalign_jax.train.step import host_params
+
+    gathered = host_params(params)
+    if jax.process_index() != 0:
+        return None
+    return str(export_hf(directory, model.hf_config, model.cfg, gathered, model.tokenizer))
+
+
 def ensure_writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)

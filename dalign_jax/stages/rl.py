@@ -31,13 +31,12 @@ from dalign_jax.parallel.mesh import batch_size_multiple, param_shardings, shard
 from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
-from dalign_jax.stages.common import (check_run_header, ensure_writable, jsonl_text, open_mesh, open_prompts,
-                                      read_jsonl, section, write_atomic)
-from dalign_jax.stages.sft import check_finite
-from dalign_jax.train.checkpoint import Checkpointer, restore_or_start
+from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, jsonl_text, open_mesh,
+                                      open_prompts, read_jsonl, section, write_atomic)
+from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
 from dalign_jax.train.metrics import MetricsLog, as_host
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
-from dalign_jax.train.step import COMPUTE_DTYPES, compile_train_step, device_batch, host_params, token_logprobs
+from dalign_jax.train.step import COMPUTE_DTYPES, compile_train_step, device_batch, token_logprobs
 
 
 def starting_policy(config: Config) -> str:
@@ -102,7 +101,6 @@ class Rollouts:
 
 
 def run_rl(config: Config, force: bool = False) -> dict:
-    from dalign_jax.model.hf_io import export_hf
     from dalign_jax.model.loader import load_model
     from dalign_jax.stages.judge import JudgeEngine
 
@@ -116,8 +114,6 @@ def run_rl(config: Config, force: bool = False) -> dict:
     if rows % (batch_size_multiple(mesh) * train.grad_accum):
         raise UserError(f"rl.prompts_per_step x rl.group_size = {rows} must be a multiple of mesh data x fsdp "
                         f"({batch_size_multiple(mesh)}) times rl.train.grad_accum ({train.grad_accum})")
-    if rl.group_size < 2:
-        raise UserError("rl.group_size: needs at least 2 completions per prompt to compare")
     policy = load_model(starting_policy(config))
     check_run_header(out, {"policy_model_id": policy.model_id, "judge_model": config.models.judge,
                            "spec_version": spec.version, "rl": section(config, "rl"), "prompts": section(config, "prompts"),
@@ -188,10 +184,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
     log.close()
     checkpoints.close()
 
-    export_dir = None
-    if jax.process_index() == 0:
-        export_dir = str(export_hf(out / "export", policy.hf_config, policy.cfg, host_params(state.params),
-                                   policy.tokenizer))
+    export_dir = export_trained(out / "export", policy, state.params)
     summary = rl_summary(log.rows, rl.steps, export_dir)
     if jax.process_index() == 0:
         write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")

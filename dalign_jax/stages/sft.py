@@ -23,12 +23,13 @@ from dalign_jax.data.sft_data import (ConversationSource, batches, collate, leng
                                       tokenize_conversation)
 from dalign_jax.errors import UserError
 from dalign_jax.parallel.mesh import batch_size_multiple
-from dalign_jax.stages.common import check_run_header, ensure_writable, open_mesh, section, write_atomic
-from dalign_jax.train.checkpoint import Checkpointer, restore_or_start
+from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, open_mesh, section,
+                                      write_atomic)
+from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
 from dalign_jax.train.metrics import MetricsLog, as_host, measure_peak_flops, train_flops_per_token
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
 from dalign_jax.train.step import (COMPUTE_DTYPES, batch_shardings, compile_eval_loss, compile_train_step,
-                                   device_batch, host_params, sft_loss)
+                                   device_batch, sft_loss)
 
 
 def file_digest(path: Path) -> str:
@@ -49,16 +50,6 @@ def sft_data_path(config: Config) -> Path:
     return judge_dir / "sft.array_record"
 
 
-def check_finite(metrics: dict, step: int, checkpoints: Checkpointer) -> None:
-    """Stop on a NaN or infinity before it can reach a checkpoint."""
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
-    if bad:
-        last = checkpoints.latest_step()
-        kept = f"the last good checkpoint is step {last}" if last else "no checkpoint was written"
-        raise UserError(f"step {step}: non-finite {' and '.join(bad)}; training stopped, {kept} "
-                        "(lower train.learning_rate, or check the data)")
-
-
 class HeldoutLoss:
     """Mean completion-token loss over the held-out examples, in padded batches of fixed row count."""
 
@@ -66,11 +57,12 @@ class HeldoutLoss:
         examples = [tokenize_conversation(tokenizer, source[i]["messages"], max_len) for i in indices]
         blank = {"tokens": np.zeros(1, np.int32), "loss_mask": np.zeros(1, np.int32)}  # weight 0
         pad_id = tokenizer.pad_token_id or 0
+        buckets = length_buckets(max_len)
         self.batches = []
         for b in range(0, len(examples), rows):
             chunk = examples[b:b + rows]
             chunk += [blank] * (rows - len(chunk))
-            self.batches.append(collate(chunk, length_buckets(max_len), pad_id))
+            self.batches.append(collate(chunk, buckets, pad_id))
         self.evaluate = evaluate
         self.mesh = mesh
 
@@ -99,7 +91,6 @@ def make_loss(cfg, train: Train):
 
 
 def run_sft(config: Config, force: bool = False) -> dict:
-    from dalign_jax.model.hf_io import export_hf
     from dalign_jax.model.loader import load_model
 
     out = config.run_path / "sft"
@@ -172,10 +163,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
     log.close()
     checkpoints.close()
 
-    params = host_params(state.params)
-    export_dir = None
-    if config.sft.export and jax.process_index() == 0:
-        export_dir = str(export_hf(out / "export", model.hf_config, model.cfg, params, model.tokenizer))
+    export_dir = export_trained(out / "export", model, state.params) if config.sft.export else None
     summary = _summary(log.rows, steps, len(train_idx), len(heldout_idx), peak, export_dir)
     if jax.process_index() == 0:
         write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")

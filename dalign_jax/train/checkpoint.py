@@ -7,6 +7,7 @@ the next start. Every process calls save and restore (multi-host writes go throu
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import jax
@@ -64,3 +65,13 @@ def restore_or_start(checkpoints: Checkpointer, params, optimizer, mesh):
     target, sharding = abstract_state(params, optimizer, mesh)
     state, data_state, _ = checkpoints.restore(start, target)
     return state, sharding, start, data_state
+
+
+def check_finite(metrics: dict, step: int, checkpoints: Checkpointer) -> None:
+    """Stop on a NaN or infinity before it can reach a checkpoint."""
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+    if bad:
+        last = checkpoints.latest_step()
+        kept = f"the last good checkpoint is step {last}" if last else "no checkpoint was written"
+        raise UserError(f"step {step}: non-finite {' and '.join(bad)}; training stopped, {kept} "
+                        "(lower train.learning_rate, or check the data)")

@@ -99,50 +99,52 @@ def batch_shardings(batch_shape, mesh: Mesh, micro_axis: bool = True):
                         batch_shape)
 
 
-def compile_train_step(loss_fn, optimizer, schedule, state_sharding, mesh: Mesh):
-    """`step(state, batch) -> (state, metrics)`, jitted with explicit shardings and the old state donated.
-    Batches of a new padded width compile once each."""
-    fn = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule)
+def _per_batch_shape(build: Callable):
+    """`call(first, batch)` through a function compiled by `build(batch)` once per set of batch shapes
+    (one per padded width)."""
     compiled = {}
 
-    def step(state, batch):
+    def call(first, batch):
         key = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if key not in compiled:
-            compiled[key] = jax.jit(fn, in_shardings=(state_sharding, batch_shardings(batch, mesh)),
-                                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
-        return compiled[key](state, batch)
+            compiled[key] = build(batch)
+        return compiled[key](first, batch)
 
-    step.compiled = compiled
-    return step
+    return call
+
+
+def compile_train_step(loss_fn, optimizer, schedule, state_sharding, mesh: Mesh):
+    """`step(state, batch) -> (state, metrics)`, jitted with explicit shardings and the old state donated."""
+    fn = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule)
+    return _per_batch_shape(lambda batch: jax.jit(
+        fn, in_shardings=(state_sharding, batch_shardings(batch, mesh)),
+        out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0))
 
 
 def compile_eval_loss(loss_fn, param_sharding, mesh: Mesh):
     """`eval(params, batch) -> (loss_sum, weight)` for [rows, ...] batches."""
-    compiled = {}
+    return _per_batch_shape(lambda batch: jax.jit(
+        lambda p, b: loss_fn(p, b)[:2],
+        in_shardings=(param_sharding, batch_shardings(batch, mesh, micro_axis=False)),
+        out_shardings=replicated(mesh)))
 
-    def evaluate(params, batch):
-        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
-        if key not in compiled:
-            compiled[key] = jax.jit(lambda p, b: loss_fn(p, b)[:2],
-                                    in_shardings=(param_sharding, batch_shardings(batch, mesh, micro_axis=False)),
-                                    out_shardings=replicated(mesh))
-        return compiled[key](params, batch)
 
-    return evaluate
+def _state_layout(params, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """The function that builds a fresh train state, the state's shapes, and its shardings on `mesh`."""
+    build = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))  # noqa: E731
+    shape = jax.eval_shape(build, params)
+    return build, shape, param_shardings(shape, mesh)
 
 
 def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, object]:
     """The initial train state laid out on `mesh`, and its shardings."""
-    build = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))  # noqa: E731
-    sharding = param_shardings(jax.eval_shape(build, params), mesh)
+    build, _, sharding = _state_layout(params, optimizer, mesh)
     return jax.jit(build, out_shardings=sharding)(params), sharding
 
 
 def abstract_state(params, optimizer: optax.GradientTransformation, mesh: Mesh):
     """Shapes, dtypes and shardings of the train state, for restoring a checkpoint into."""
-    build = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))  # noqa: E731
-    shape = jax.eval_shape(build, params)
-    sharding = param_shardings(shape, mesh)
+    _, shape, sharding = _state_layout(params, optimizer, mesh)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, sharding), sharding
 
 
