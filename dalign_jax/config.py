@@ -21,6 +21,9 @@ from dalign_jax.errors import UserError
 class Models:
     policy: str = "smollm2-135m"  # the model being aligned: HF directory, .gguf file or alias
     judge: str = "smollm2-135m"  # the spec-aware grader (G_RM)
+    # einsum: ours (a shared prefix is held once, prefill in causal chunks); fused:
+    # jax.nn.dot_product_attention (cuDNN flash attention on GPUs for bfloat16). Same results.
+    attention: Literal["einsum", "fused"] = "einsum"
 
 
 @dataclasses.dataclass

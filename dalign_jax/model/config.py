@@ -49,6 +49,10 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    # Not architecture but how attention is computed (see transformer.py): "einsum" (ours, with the
+    # shared-prefix blocks and chunked prefill) or "fused" (jax.nn.dot_product_attention, which picks
+    # a fused kernel such as cuDNN's flash attention on accelerators). The results agree.
+    attention: str = "einsum"
 
     @property
     def num_params(self) -> int:

@@ -57,7 +57,8 @@ def _model_id(name: str, path: Path) -> str:
     return f"{name}@{digest}"
 
 
-def load_model(name: str) -> LoadedModel:
+def load_model(name: str, attention: str = "einsum") -> LoadedModel:
+    """`attention`: how the forward pass computes attention (ModelConfig.attention)."""
     from dalign_jax.model.gguf_io import load_gguf
     from dalign_jax.model.hf_io import load_hf_dir
 
@@ -70,6 +71,7 @@ def load_model(name: str) -> LoadedModel:
         raise UserError(f"{path}: pickle checkpoints are never loaded; use safetensors or GGUF")
     else:
         raise UserError(f"{path}: not a model (expected a HF model directory or a .gguf file)")
+    cfg = dataclasses.replace(cfg, attention=attention)
     return LoadedModel(name, hf_config, cfg, params, tokenizer, _model_id(name, path))
 
 

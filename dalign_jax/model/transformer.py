@@ -121,6 +121,33 @@ def _attend(q, blocks):
     return out
 
 
+def _attend_fused(q, blocks):
+    """`_attend` through `jax.nn.dot_product_attention`, which uses a fused kernel where the platform
+    has one (cuDNN flash attention for 16-bit inputs on GPUs) and XLA's otherwise. Shared prefix blocks
+    are broadcast over the rows (the kernel takes one key sequence per row); masks are the same."""
+    b, kvh, group, t, hd = q.shape
+    keys, values, masks = [], [], []
+    for k, v, mask in blocks:
+        if k.ndim == 3:
+            k, v = (jnp.broadcast_to(x, (b,) + x.shape) for x in (k, v))
+        keys.append(k.transpose(0, 2, 1, 3).astype(q.dtype))  # [b, slots, kv_heads, hd]
+        values.append(v.transpose(0, 2, 1, 3).astype(q.dtype))
+        masks.append(jnp.broadcast_to(mask[:, :, 0], (b, 1, t, k.shape[2])))
+    # Query head n = kv_head * group + g uses kv head n // group: the grouping the kernel expects.
+    query = q.transpose(0, 3, 1, 2, 4).reshape(b, t, kvh * group, hd)
+    args = (query, jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1))
+    mask = jnp.concatenate(masks, axis=-1)
+    out = None
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:  # cuDNN's kernel turns the mask into a bias; it refuses shapes it lacks (said at trace time)
+            out = jax.nn.dot_product_attention(*args, mask=mask, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            out = None
+    if out is None:  # XLA's implementation: the same arithmetic as `_attend`, in the input dtype
+        out = jax.nn.dot_product_attention(*args, mask=mask)
+    return out.reshape(b, t, kvh, group, hd).transpose(0, 2, 3, 1, 4)
+
+
 def _attend_causal(q, k, v, mask, prefix_blocks):
     """Attention of new tokens to themselves (slot order is time order) and to shared prefix blocks,
     in query chunks that skip the keys after each chunk's end."""
@@ -163,14 +190,16 @@ def _layer(cfg: ModelConfig, inv_freq, x, positions, lp, mask, cache_kv, prefix_
     k = k.transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
     prefix_blocks = [prefix_kv] if prefix_kv is not None else []
+    fused = cfg.attention == "fused"
     if cache_kv is None or fresh:
-        attn = _attend_causal(q, k, v, mask, prefix_blocks)
+        attn = (_attend_fused(q, prefix_blocks + [(k, v, mask)]) if fused
+                else _attend_causal(q, k, v, mask, prefix_blocks))
     if cache_kv is not None:
         ck, cv, index = cache_kv
         k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
         v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
         if not fresh:
-            attn = _attend(q, prefix_blocks + [(k, v, mask)])
+            attn = (_attend_fused if fused else _attend)(q, prefix_blocks + [(k, v, mask)])
     attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * cfg.head_dim)
     x = x + (attn.astype(dtype) @ lp["wo"].astype(dtype))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)

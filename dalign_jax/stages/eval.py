@@ -153,7 +153,7 @@ def run_eval(config: Config, force: bool = False) -> dict:
     for target, path in targets.items():
         todo = {name: prompts for name, prompts in sets.items() if not (out / target / f"{name}.jsonl").is_file()}
         if todo:
-            model = load_model(path)
+            model = load_model(path, config.models.attention)
             params = shard_params(model.params, mesh)
             sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
             for name, prompts in todo.items():

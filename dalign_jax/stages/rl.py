@@ -114,7 +114,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
     if rows % (batch_size_multiple(mesh) * train.grad_accum):
         raise UserError(f"rl.prompts_per_step x rl.group_size = {rows} must be a multiple of mesh data x fsdp "
                         f"({batch_size_multiple(mesh)}) times rl.train.grad_accum ({train.grad_accum})")
-    policy = load_model(starting_policy(config))
+    policy = load_model(starting_policy(config), config.models.attention)
     check_run_header(out, {"policy_model_id": policy.model_id, "judge_model": config.models.judge,
                            "spec_version": spec.version, "rl": section(config, "rl"), "prompts": section(config, "prompts"),
                            "seed": config.seed, "mesh": section(config, "mesh")}, force)
