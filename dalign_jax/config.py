@@ -92,6 +92,12 @@ class Train:
     save_every: int = 50  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2
     peak_flops: float = 0.0  # for MFU; 0: measure a float32 matmul on the first device at start
+    # LoRA: 0 trains every parameter; r > 0 trains rank-r adapters on `lora_targets` only (the
+    # optimiser state and checkpoints hold the adapters; the export is merged into full weights).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: list[str] = dataclasses.field(
+        default_factory=lambda: ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"])
 
 
 @dataclasses.dataclass
@@ -278,7 +284,7 @@ RANGES = {
     "sft.heldout_fraction": (0.0, 0.9), "sft.capability_ratio": (0.0, 0.9), "sft.batch_size": (1, None),
     "sft.max_seq_len": (8, None), "sft.train.grad_accum": (1, None), "sft.train.learning_rate": (0.0, None),
     "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),
-    "rl.train.grad_accum": (1, None), "rl.clip_low": (0.0, 1.0), "rl.clip_high": (0.0, None),
+    "rl.train.grad_accum": (1, None), "sft.train.lora_rank": (0, None), "rl.train.lora_rank": (0, None), "rl.clip_low": (0.0, 1.0), "rl.clip_high": (0.0, None),
     "rl.kl_coef": (0.0, None), "rl.updates_per_rollout": (1, None), "eval.max_new_tokens": (1, None), "eval.batch_size": (1, None),
 }
 

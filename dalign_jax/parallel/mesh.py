@@ -26,6 +26,12 @@ PARAM_RULES: list[tuple[str, P]] = [
     (r"^layers/\d+/(wo|w_down)$", P("tensor", "fsdp")),
     (r"^layers/\d+/(bq|bk|bv)$", P("tensor")),
     (r"norm$", P()),
+    # LoRA adapters (train/lora.py): a [in, rank] split like the input side of its matrix, b [rank, out]
+    # like the output side, so a @ b has the matrix's own layout.
+    (r"^layers/\d+/(wq|wk|wv|w_gate|w_up)/a$", P("fsdp", None)),
+    (r"^layers/\d+/(wq|wk|wv|w_gate|w_up)/b$", P(None, "tensor")),
+    (r"^layers/\d+/(wo|w_down)/a$", P("tensor", None)),
+    (r"^layers/\d+/(wo|w_down)/b$", P(None, "fsdp")),
 ]
 
 

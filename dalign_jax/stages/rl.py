@@ -34,6 +34,7 @@ from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
 from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, jsonl_text, open_mesh,
                                       open_prompts, read_jsonl, section, write_atomic)
 from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
+from dalign_jax.train.lora import LoraConfig, Trainable
 from dalign_jax.train.metrics import MetricsLog, as_host
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
 from dalign_jax.train.step import COMPUTE_DTYPES, compile_train_step, device_batch, token_logprobs
@@ -130,12 +131,16 @@ def run_rl(config: Config, force: bool = False) -> dict:
     loss_fn = functools.partial(rl_loss, cfg=policy.cfg, temperature=rl.temperature, clip_low=rl.clip_low,
                                 clip_high=rl.clip_high, kl_coef=rl.kl_coef, aggregation=rl.aggregation,
                                 max_tokens=rl.max_new_tokens, compute_dtype=dtype, remat=train.remat)
-    reference = shard_params(policy.params, mesh)  # frozen: never given to the optimiser
+    trainable = Trainable(policy.params, LoraConfig.from_train(train, "rl.train"), mesh, config.seed)
+    # The KL reference is the starting policy, frozen: with LoRA that is the base the adapters sit on.
+    reference = shard_params(policy.params, mesh) if trainable.lora is None else trainable.frozen
     reference_logp = jax.jit(functools.partial(token_logprobs, cfg=policy.cfg, temperature=rl.temperature),
                              in_shardings=(param_shardings(reference, mesh), None, None))
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
-    state, sharding, start, _ = restore_or_start(checkpoints, policy.params, optimizer, mesh)
-    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh)
+    state, sharding, start, _ = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh)
+    if jax.process_index() == 0:
+        print(f"rl: {trainable.describe()}", flush=True)
+    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable)
     sample = Rollouts(config, policy, mesh)
     order = np.random.default_rng(config.seed).permutation(len(prompts))
     log = MetricsLog(out, start, enabled=jax.process_index() == 0)
@@ -149,7 +154,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
     for step in bar:
         chosen = [prompts[order[(step * rl.prompts_per_step + i) % len(prompts)]] for i in range(rl.prompts_per_step)]
         started = time.perf_counter()
-        encoded, sampled, rollouts = sample(state.params, chosen, jax.random.fold_in(jax.random.key(config.seed), step))
+        key = jax.random.fold_in(jax.random.key(config.seed), step)
+        encoded, sampled, rollouts = sample(trainable.full_params(state.params), chosen, key)
         sampled_s = time.perf_counter() - started
         rewards, parts = total_rewards(context, rl.rewards, rollouts, rl.malformed_reward)
         advantages = np.asarray(ADVANTAGES[rl.advantage](jnp.asarray(rewards.reshape(-1, rl.group_size)))).reshape(-1)
@@ -184,7 +190,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
     log.close()
     checkpoints.close()
 
-    export_dir = export_trained(out / "export", policy, state.params)
+    export_dir = export_trained(out / "export", policy, trainable.full_params(state.params))
     summary = rl_summary(log.rows, rl.steps, export_dir)
     if jax.process_index() == 0:
         write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")

@@ -26,6 +26,7 @@ from dalign_jax.parallel.mesh import batch_size_multiple
 from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, open_mesh, section,
                                       write_atomic)
 from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
+from dalign_jax.train.lora import LoraConfig, Trainable
 from dalign_jax.train.metrics import MetricsLog, as_host, measure_peak_flops, train_flops_per_token
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
 from dalign_jax.train.step import (COMPUTE_DTYPES, batch_shardings, compile_eval_loss, compile_train_step,
@@ -117,8 +118,11 @@ def run_sft(config: Config, force: bool = False) -> dict:
     schedule = learning_rate_schedule(train, steps)
     loss_fn = make_loss(model.cfg, train)
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
-    state, sharding, start, data_state = restore_or_start(checkpoints, model.params, optimizer, mesh)
-    del model.params  # the state holds them now
+    trainable = Trainable(model.params, LoraConfig.from_train(train, "sft.train"), mesh, config.seed)
+    state, sharding, start, data_state = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh)
+    del model.params  # the state (or, with LoRA, the frozen base) holds them now
+    if jax.process_index() == 0:
+        print(f"sft: {trainable.describe()}", flush=True)
 
     stream = batches(source, train_idx, model.tokenizer, global_batch=rows * accum, max_len=config.sft.max_seq_len,
                      seed=config.seed, num_batches=steps, process_index=jax.process_index(),
@@ -129,12 +133,12 @@ def run_sft(config: Config, force: bool = False) -> dict:
     if data_state is not None:
         data.set_state(data_state)
 
-    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh)
+    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable)
     heldout = HeldoutLoss(source, heldout_idx, model.tokenizer, rows, config.sft.max_seq_len,
-                          compile_eval_loss(loss_fn, sharding.params, mesh), mesh)
+                          compile_eval_loss(loss_fn, trainable.param_sharding, mesh), mesh)
     log = MetricsLog(out, start, enabled=jax.process_index() == 0)
     if start == 0:
-        log.log(0, {"eval_loss": heldout(state.params)})
+        log.log(0, {"eval_loss": heldout(trainable.full_params(state.params))})
     peak = train.peak_flops or measure_peak_flops()
     flops_per_token = train_flops_per_token(model.cfg)
 
@@ -153,7 +157,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
                        mfu=tokens * flops_per_token / seconds / (peak * mesh.devices.size))
         done = step + 1
         if done % config.sft.eval_every == 0 or done == steps:
-            metrics["eval_loss"] = heldout(state.params)
+            metrics["eval_loss"] = heldout(trainable.full_params(state.params))
         if done % train.log_every == 0 or "eval_loss" in metrics:
             log.log(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
@@ -163,8 +167,9 @@ def run_sft(config: Config, force: bool = False) -> dict:
     log.close()
     checkpoints.close()
 
-    export_dir = export_trained(out / "export", model, state.params) if config.sft.export else None
+    export_dir = export_trained(out / "export", model, trainable.full_params(state.params)) if config.sft.export else None
     summary = _summary(log.rows, steps, len(train_idx), len(heldout_idx), peak, export_dir)
+    summary["trainable_params"] = trainable.count
     if jax.process_index() == 0:
         write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dalign_jax.model.config import ModelConfig
 from dalign_jax.model.transformer import forward
 from dalign_jax.parallel.mesh import BATCH_AXES, param_shardings, replicated
+from dalign_jax.train.lora import LoraConfig, merge
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -77,11 +78,15 @@ def _accumulate(loss_fn, params, batch):
     return total
 
 
-def train_step(state: TrainState, batch, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule):
+def train_step(state: TrainState, frozen, batch, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, lora: LoraConfig | None = None):
     """One optimiser step over `batch` ([micro_batches, rows, ...] leaves). Returns the new state and
-    float32 metrics: loss, grad_norm (before clipping), learning_rate, weight, and the aux metrics."""
-    grads, loss_sum, weight, aux = _accumulate(loss_fn, state.params, batch)
+    float32 metrics: loss, grad_norm (before clipping), learning_rate, weight, and the aux metrics.
+
+    With `lora`, `state.params` are adapters and the model is `frozen` (base weights) merged with them;
+    without, `frozen` is None and `state.params` is the model."""
+    model_loss = loss_fn if lora is None else (lambda p, mb: loss_fn(merge(frozen, p, lora), mb))
+    grads, loss_sum, weight, aux = _accumulate(model_loss, state.params, batch)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -100,25 +105,31 @@ def batch_shardings(batch_shape, mesh: Mesh, micro_axis: bool = True):
 
 
 def _per_batch_shape(build: Callable):
-    """`call(first, batch)` through a function compiled by `build(batch)` once per set of batch shapes
+    """`call(*args, batch)` through a function compiled by `build(batch)` once per set of batch shapes
     (one per padded width)."""
     compiled = {}
 
-    def call(first, batch):
+    def call(*args):
+        batch = args[-1]
         key = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if key not in compiled:
             compiled[key] = build(batch)
-        return compiled[key](first, batch)
+        return compiled[key](*args)
 
     return call
 
 
-def compile_train_step(loss_fn, optimizer, schedule, state_sharding, mesh: Mesh):
-    """`step(state, batch) -> (state, metrics)`, jitted with explicit shardings and the old state donated."""
-    fn = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule)
-    return _per_batch_shape(lambda batch: jax.jit(
-        fn, in_shardings=(state_sharding, batch_shardings(batch, mesh)),
+def compile_train_step(loss_fn, optimizer, schedule, state_sharding, mesh: Mesh, trainable=None):
+    """`step(state, batch) -> (state, metrics)`, jitted with explicit shardings and the old state donated.
+    `trainable` (lora.Trainable) adds frozen base weights, passed to the step (not baked into it)."""
+    lora = None if trainable is None else trainable.lora
+    frozen = None if lora is None else trainable.frozen
+    frozen_sharding = None if lora is None else trainable.param_sharding
+    fn = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, lora=lora)
+    step = _per_batch_shape(lambda batch: jax.jit(
+        fn, in_shardings=(state_sharding, frozen_sharding, batch_shardings(batch, mesh)),
         out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0))
+    return lambda state, batch: step(state, frozen, batch)
 
 
 def compile_eval_loss(loss_fn, param_sharding, mesh: Mesh):
