@@ -75,6 +75,9 @@ class Judge:
     max_new_tokens: int = 48  # generate mode only
 
 
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the projections LoRA can adapt
+
+
 @dataclasses.dataclass
 class Train:
     """The optimiser and loop shared by SFT and RL."""
@@ -96,8 +99,7 @@ class Train:
     # optimiser state and checkpoints hold the adapters; the export is merged into full weights).
     lora_rank: int = 0
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
-    lora_targets: list[str] = dataclasses.field(
-        default_factory=lambda: ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"])
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
 
 
 @dataclasses.dataclass
@@ -290,6 +292,12 @@ RANGES = {
 
 
 def _check_ranges(config: Config, source: str) -> None:
+    for name in ("sft", "rl"):
+        targets = getattr(config, name).train.lora_targets
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown or not targets:
+            raise UserError(f"{source}: config key {name}.train.lora_targets: {', '.join(unknown) or 'empty'}; "
+                            f"choose from {', '.join(LORA_TARGETS)}")
     for dotted, (low, high) in RANGES.items():
         value = config
         for part in dotted.split("."):

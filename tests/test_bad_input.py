@@ -134,6 +134,8 @@ CASES = {
                              r"config key judge.runs: expected int, got 'abc'"),
     "value out of range (judge threshold)": (lambda t, m, c, mp: ["judge", str(c), "judge.threshold=1.5"],
                                              r"config key judge.threshold: must be between 0.0 and 1.0"),
+    "unknown LoRA target": (lambda t, m, c, mp: ["sft", str(c), "sft.train.lora_rank=4", "sft.train.lora_targets=[wq, mlp]"],
+                            r"config key sft.train.lora_targets: mlp; choose from wq, wk"),
     "mesh shape does not match the devices": (lambda t, m, c, mp: ["distill", str(c), "mesh.data=3"],
                                               r"mesh: data\*fsdp\*tensor = 3\*1\*1 = 3, but there are 8 devices"),
     "model path missing": (lambda t, m, c, mp: ["distill", str(c), f"models.policy={t / 'nowhere'}"],

@@ -23,7 +23,7 @@ LORA = dict(lora_rank=4, lora_alpha=8.0)
 
 def test_adapters_start_at_the_base_and_count(tiny_chat_model):
     model = load_model(str(tiny_chat_model))
-    lora = LoraConfig.from_train(Train(**LORA), "sft.train")
+    lora = LoraConfig.from_train(Train(**LORA))
     adapters = init_adapters(model.params, lora, jax.random.key(0))
     cfg = model.cfg
     d, f, qd, kvd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -32,9 +32,9 @@ def test_adapters_start_at_the_base_and_count(tiny_chat_model):
     assert count(adapters) == cfg.num_layers * per_layer
     for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(merge(model.params, adapters, lora))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(UserError, match="sft.train.lora_targets: w_nope"):
-        LoraConfig.from_train(Train(lora_rank=4, lora_targets=["wq", "w_nope"]), "sft.train")
-    assert LoraConfig.from_train(Train(), "sft.train") is None
+    with pytest.raises(UserError, match="config key rl.train.lora_targets: w_nope"):
+        load_config(None, ["rl.train.lora_rank=4", "rl.train.lora_targets=[wq, w_nope]"])
+    assert LoraConfig.from_train(Train()) is None
 
 
 def test_lora_sft_trains_adapters_only_and_exports_merged(tmp_path, tiny_chat_model, capsys):
@@ -93,7 +93,7 @@ def test_lora_step_is_sharded_like_one_device(tiny_chat_model):
     train = Train(**LORA, learning_rate=1e-2, warmup_steps=0)
     results = []
     for mesh in (make_mesh(1, 1, 1, devices=jax.devices()[:1]), make_mesh(2, 2, 2)):
-        trainable = Trainable(model.params, LoraConfig.from_train(train, "sft.train"), mesh, 0)
+        trainable = Trainable(model.params, LoraConfig.from_train(train), mesh, 0)
         optimizer = make_optimizer(train, 2)
         state, sharding = init_state(trainable.take_initial(), optimizer, mesh)
         step = compile_train_step(lambda p, b: sft_loss(p, b, cfg=model.cfg), optimizer,

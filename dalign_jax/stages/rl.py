@@ -131,7 +131,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
     loss_fn = functools.partial(rl_loss, cfg=policy.cfg, temperature=rl.temperature, clip_low=rl.clip_low,
                                 clip_high=rl.clip_high, kl_coef=rl.kl_coef, aggregation=rl.aggregation,
                                 max_tokens=rl.max_new_tokens, compute_dtype=dtype, remat=train.remat)
-    trainable = Trainable(policy.params, LoraConfig.from_train(train, "rl.train"), mesh, config.seed)
+    trainable = Trainable(policy.params, LoraConfig.from_train(train), mesh, config.seed)
     # The KL reference is the starting policy, frozen: with LoRA that is the base the adapters sit on.
     reference = shard_params(policy.params, mesh) if trainable.lora is None else trainable.frozen
     reference_logp = jax.jit(functools.partial(token_logprobs, cfg=policy.cfg, temperature=rl.temperature),

@@ -118,7 +118,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
     schedule = learning_rate_schedule(train, steps)
     loss_fn = make_loss(model.cfg, train)
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
-    trainable = Trainable(model.params, LoraConfig.from_train(train, "sft.train"), mesh, config.seed)
+    trainable = Trainable(model.params, LoraConfig.from_train(train), mesh, config.seed)
     state, sharding, start, data_state = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh)
     del model.params  # the state (or, with LoRA, the frozen base) holds them now
     if jax.process_index() == 0:

@@ -15,12 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dalign_jax.config import Train
-from dalign_jax.errors import UserError
+from dalign_jax.config import LORA_TARGETS, Train
 from dalign_jax.parallel.mesh import param_shardings, shard_params
-
-TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -33,15 +29,11 @@ class LoraConfig:
         return self.alpha / self.rank
 
     @classmethod
-    def from_train(cls, train: Train, field: str) -> "LoraConfig | None":
-        """None for full fine-tuning (`lora_rank` 0). `field`: the config section, for errors."""
+    def from_train(cls, train: Train) -> "LoraConfig | None":
+        """None for full fine-tuning (`lora_rank` 0); the config checked the targets."""
         if train.lora_rank == 0:
             return None
-        unknown = sorted(set(train.lora_targets) - set(TARGETS))
-        if unknown or not train.lora_targets:
-            raise UserError(f"config key {field}.lora_targets: {', '.join(unknown) or 'empty'}; "
-                            f"choose from {', '.join(TARGETS)}")
-        return cls(train.lora_rank, train.lora_alpha, tuple(t for t in TARGETS if t in train.lora_targets))
+        return cls(train.lora_rank, train.lora_alpha, tuple(t for t in LORA_TARGETS if t in train.lora_targets))
 
 
 def init_adapters(base: dict, lora: LoraConfig, key: jax.Array) -> dict:
@@ -52,7 +44,7 @@ def init_adapters(base: dict, lora: LoraConfig, key: jax.Array) -> dict:
         for j, name in enumerate(lora.targets):
             fan_in, fan_out = layer[name].shape
             bound = 1.0 / math.sqrt(fan_in)
-            a = jax.random.uniform(jax.random.fold_in(key, i * len(TARGETS) + j), (fan_in, lora.rank),
+            a = jax.random.uniform(jax.random.fold_in(key, i * len(LORA_TARGETS) + j), (fan_in, lora.rank),
                                    jnp.float32, -bound, bound)
             adapters[name] = {"a": a, "b": jnp.zeros((lora.rank, fan_out), jnp.float32)}
         layers.append(adapters)
