@@ -215,7 +215,7 @@ def forward(
     cache: KVCache | None = None,
     *,
     cfg: ModelConfig,
-    dtype=jnp.float32,
+    dtype=None,
     last_only: bool = False,
     fresh_cache: bool = False,
     remat: bool = False,
@@ -230,10 +230,12 @@ def forward(
     `fresh_cache` promises that the cache holds nothing yet (apart from a shared prefix), which lets a
     prefill attend causally in chunks instead of to every slot.
     `remat` recomputes each layer in the backward pass instead of keeping its activations (training).
+    `dtype`: the compute dtype; None computes in the parameters' own (bfloat16 weights run in bfloat16).
     """
     chex.assert_rank([tokens, positions], 2)
     chex.assert_equal_shape([tokens, positions])
     inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+    dtype = dtype or params["embed"].dtype
     x = params["embed"][tokens].astype(dtype)
     key_positions = positions
     if cache is not None:
