@@ -47,6 +47,7 @@ class Prompts:
     path: str = "specs/prompts/safety_prompts.jsonl"  # our JSONL, or an AdvBench / StrongREJECT CSV
     split: Literal["train", "heldout", "all"] = "train"
     limit: int = 0  # 0: every prompt; n: the first n (for quick runs)
+    per_category: int = 0  # 0: every prompt; n: the first n of each category (smaller runs that cover all)
 
 
 @dataclasses.dataclass
@@ -71,6 +72,9 @@ class Judge:
     threshold: float = 0.5  # keep completions scoring at least this (scores lie in [0, 1])
     best_of_n: int = 1  # then keep at most this many per prompt, best first
     use_expected_mode: bool = True  # tell the judge the prompt set's expected mode where it has one
+    # Also drop, by the rule grader, answers whose mode contradicts the expected one: a refusal where
+    # compliance is expected, no refusal where one is, no supportive answer where a safe completion is.
+    require_expected_mode: bool = False
     batch_size: int = 8
     max_new_tokens: int = 48  # generate mode only
 
@@ -150,7 +154,7 @@ class Eval:
     prompts: str = ""  # an extra prompt set: our JSONL, AdvBench / StrongREJECT CSV, or CSV with prompt + label
     heldout: bool = True  # our prompt set's held-out split (prompts.path)
     strongreject: str = ""  # path of the StrongREJECT CSV; "": not evaluated
-    limit: int = 0  # at most this many prompts per set (0: all)
+    limit: int = 0  # at most this many prompts per set, taken in turn from each category (0: all)
     jailbreak_prompts: int = 8  # disallowed prompts per set wrapped in every jailbreak template
     max_new_tokens: int = 128
     batch_size: int = 32

@@ -94,6 +94,18 @@ def test_filter_rule_threshold_then_best_of_n():
     assert [(r["prompt_id"], r["sample"]) for r in kept] == [("a", 2), ("a", 0)]
 
 
+def test_filter_rule_can_require_the_expected_mode():
+    refusal, compliance = "I'm sorry, but I can't help with that.", "Sure: first, gather the parts."
+    support = "I'm sorry you feel this way; please reach out to a crisis line or someone you trust."
+    rows = [dict(prompt_id=p, sample=i, score=0.9, expected_mode=m, answer=a) for p, i, m, a in [
+        ("r", 0, "refuse", compliance), ("r", 1, "refuse", refusal), ("c", 0, "comply", refusal),
+        ("c", 1, "comply", compliance), ("s", 0, "safe_complete", compliance), ("s", 1, "safe_complete", support),
+        ("n", 0, None, refusal)]]
+    assert len(select(rows, 0.5, 2)) == 7
+    kept = select(rows, 0.5, 2, require_mode=True)
+    assert sorted((r["prompt_id"], r["sample"]) for r in kept) == [("c", 1), ("n", 0), ("r", 1), ("s", 1)]
+
+
 def test_scorer_is_the_expected_score_under_the_next_token_distribution(tiny_chat_model):
     model = load_model(str(tiny_chat_model))
     prefill, ids = score_tokens(model.tokenizer, "Score:")
@@ -123,3 +135,26 @@ def test_generated_scores_outside_the_scale_are_not_misread():
     assert parse_score("Reasoning... Score: 7") == pytest.approx(7 / 9)
     assert parse_score("Score: 3. On reflection, Score: 12") == pytest.approx(3 / 9)
     assert parse_score("Score: 15") == 0.0 and parse_score("no score") == 0.0
+
+
+def test_prompts_per_category_keeps_the_first_of_each():
+    from collections import Counter
+
+    from dalign_jax.data.spec import load_spec
+    from dalign_jax.stages.common import open_prompts
+
+    spec = load_spec("specs")
+    everything = open_prompts(load_config(None), spec)
+    some = open_prompts(load_config(None, ["prompts.per_category=5"]), spec)
+    assert Counter(p.category for p in some) == {c: 5 for c in spec.categories}
+    assert [p for p in everything if p.category == "self_harm"][:5] == [p for p in some if p.category == "self_harm"]
+
+
+def test_eval_limit_takes_prompts_from_every_category():
+    from dalign_jax.data.prompts import Prompt
+    from dalign_jax.stages.eval import spread
+
+    prompts = [Prompt(f"{c}{i}", c, (("user", "q"),), "comply") for c, n in (("a", 4), ("b", 1), ("c", 2))
+               for i in range(n)]
+    assert [p.id for p in spread(prompts, 5)] == ["a0", "b0", "c0", "a1", "c1"]
+    assert [p.id for p in spread(prompts, 99)] == ["a0", "b0", "c0", "a1", "c1", "a2", "a3"]

@@ -109,6 +109,14 @@ def open_prompts(config: Config, spec) -> list:
     from dalign_jax.data.prompts import load_prompt_set, split
 
     prompts = split(load_prompt_set(config.prompts.path, spec.categories), config.prompts.split)
+    if config.prompts.per_category:
+        taken: dict[str, int] = {}
+        kept = []
+        for p in prompts:
+            taken[p.category] = taken.get(p.category, 0) + 1
+            if taken[p.category] <= config.prompts.per_category:
+                kept.append(p)
+        prompts = kept
     if config.prompts.limit:
         prompts = prompts[:config.prompts.limit]
     if not prompts:

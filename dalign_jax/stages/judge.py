@@ -20,6 +20,7 @@ from dalign_jax.data.completion import format_completion
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat
 from dalign_jax.errors import UserError
+from dalign_jax.eval import graders
 from dalign_jax.stages.common import (check_run_header, ensure_writable, jsonl_text, open_mesh, read_jsonl,
                                       section, write_atomic, write_records)
 
@@ -129,11 +130,24 @@ def _judge_shard(config: Config, spec: Spec, engine: JudgeEngine, records: list[
     return scored
 
 
-def select(scored: list[dict], threshold: float, best_of_n: int) -> list[dict]:
-    """The filter rule: judged, at least `threshold`, then the best `best_of_n` per prompt."""
+def mode_agrees(record: dict) -> bool:
+    """The rule grader's reading of the answer fits the expected mode (or there is none)."""
+    mode, answer = record["expected_mode"], record["answer"]
+    if mode == "refuse":
+        return graders.is_refusal(answer)
+    if mode == "comply":
+        return not graders.is_refusal(answer)
+    if mode == "safe_complete":
+        return graders.safe_completion_style_ok(answer)
+    return True
+
+
+def select(scored: list[dict], threshold: float, best_of_n: int, require_mode: bool = False) -> list[dict]:
+    """The filter rule: judged, at least `threshold`, with `require_mode` the expected mode kept to,
+    then the best `best_of_n` per prompt."""
     by_prompt: dict[str, list[dict]] = {}
     for r in scored:
-        if r["score"] is not None and r["score"] >= threshold:
+        if r["score"] is not None and r["score"] >= threshold and (not require_mode or mode_agrees(r)):
             by_prompt.setdefault(r["prompt_id"], []).append(r)
     kept = []
     for rows in by_prompt.values():
@@ -149,7 +163,7 @@ def sft_record(r: dict) -> dict:
             "judge_model_id": r["judge_model_id"]}
 
 
-def summarise(scored: list[dict], kept: list[dict]) -> dict:
+def summarise(scored: list[dict], kept: list[dict], require_mode: bool = False) -> dict:
     dropped: dict[str, int] = {}
     for r in scored:
         if r["parse_status"] != "ok":
@@ -161,6 +175,7 @@ def summarise(scored: list[dict], kept: list[dict]) -> dict:
         "completions": len(scored), "judged": len(judged), "kept": len(kept),
         "kept_fraction": len(kept) / len(scored) if scored else 0.0,
         "dropped_malformed": dropped,
+        "dropped_mode_mismatch": sum(not mode_agrees(r) for r in judged) if require_mode else None,
         "score_histogram": {"bins": [round(i / 10, 1) for i in range(11)], "counts": histogram},
         "mean_score": float(np.mean([r["score"] for r in judged])) if judged else None,
         "mode_agreement": (sum(r["decision"] == r["expected_mode"] for r in with_mode) / len(with_mode)
@@ -193,9 +208,9 @@ def run_judge(config: Config, force: bool = False) -> dict:
             rows = _judge_shard(config, spec, engine, read_jsonl(shard))
             write_atomic(target, jsonl_text(rows))
         scored.extend(read_jsonl(target))
-    kept = select(scored, config.judge.threshold, config.judge.best_of_n)
+    kept = select(scored, config.judge.threshold, config.judge.best_of_n, config.judge.require_expected_mode)
     write_records(out / "sft", [sft_record(r) for r in kept])
-    summary = dict(summarise(scored, kept), spec_version=spec.version, judge_model_id=engine.model.model_id,
+    summary = dict(summarise(scored, kept, config.judge.require_expected_mode), spec_version=spec.version, judge_model_id=engine.model.model_id,
                    threshold=config.judge.threshold, best_of_n=config.judge.best_of_n, complete=True)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
