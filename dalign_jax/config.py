@@ -290,7 +290,8 @@ RANGES = {
     "sft.heldout_fraction": (0.0, 0.9), "sft.capability_ratio": (0.0, 0.9), "sft.batch_size": (1, None),
     "sft.max_seq_len": (8, None), "sft.train.grad_accum": (1, None), "sft.train.learning_rate": (0.0, None),
     "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),
-    "rl.train.grad_accum": (1, None), "sft.train.lora_rank": (0, None), "rl.train.lora_rank": (0, None), "rl.clip_low": (0.0, 1.0), "rl.clip_high": (0.0, None),
+    "rl.train.grad_accum": (1, None), "rl.clip_low": (0.0, 1.0), "rl.clip_high": (0.0, None),
+    "sft.train.lora_rank": (0, None), "rl.train.lora_rank": (0, None),
     "rl.kl_coef": (0.0, None), "rl.updates_per_rollout": (1, None), "eval.max_new_tokens": (1, None), "eval.batch_size": (1, None),
 }
 

@@ -101,11 +101,15 @@ def test_shapes_are_bucketed_and_compilations_counted(model):
     sampler.generate(model.params, PROMPTS, 10, jax.random.key(0), GREEDY)
     assert sampler.compile_count == 1
     # Other prompt lengths, batch sizes and limits inside the same buckets reuse the compilation.
-    sampler.generate(model.params, [[1, 2, 3]] * 4, 16, jax.random.key(1), GREEDY)
+    sampler.generate(model.params, [[1, 2, 3], [1, 2, 4], [2, 3], [7]], 16, jax.random.key(1), GREEDY)
     sampler.generate(model.params, [[9] * 16, [4], [5]], [3, 12, 1], jax.random.key(2), GREEDY)
     assert sampler.compile_count == 1
     sampler.generate(model.params, [[9] * 40], 10, jax.random.key(0), GREEDY)  # next prompt bucket
     assert sampler.compile_count == 2
+    # Repeated prompts (prefilled once, then copied to their rows) are one more program, reused.
+    sampler.generate(model.params, [[1, 2, 3]] * 4, 16, jax.random.key(1), GREEDY)
+    sampler.generate(model.params, [[5, 6]] * 3, 10, jax.random.key(1), GREEDY)
+    assert sampler.compile_count == 3
 
 
 def test_bad_requests_are_errors(model, sampler):
@@ -122,3 +126,23 @@ def test_long_prompt_prefill_in_chunks_matches_reference(model, sampler):
     out = sampler.generate(model.params, [prompt, prompt[:50]], 4, jax.random.key(0), GREEDY)
     assert out.tokens[0].tolist() == reference_greedy(model, prompt, 4)[0]
     assert out.tokens[1].tolist() == reference_greedy(model, prompt[:50], 4)[0]
+
+
+def test_repeated_prompts_share_their_prefill(model, sampler):
+    """k samples of one prompt: one prefill, copied to its rows; greedy rows equal the prompt alone,
+    sampled rows differ from each other and report the model's own log-probabilities."""
+    rows = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]]
+    greedy = sampler.generate(model.params, rows, 8, jax.random.key(0), GREEDY)
+    for prompt, out in zip(rows, greedy.tokens):
+        alone = sampler.generate(model.params, [prompt], 8, jax.random.key(0), GREEDY)
+        assert out.tolist() == alone.tokens[0].tolist()
+    hot = SamplingParams(temperature=1.5)
+    sampled = sampler.generate(model.params, rows, 10, jax.random.key(5), hot)
+    assert len({tuple(t.tolist()) for t in sampled.tokens[:3]}) > 1
+    for prompt, tokens, logprobs in zip(rows, sampled.tokens, sampled.logprobs):
+        seq = prompt + tokens.tolist()
+        logits, _ = forward(model.params, np.array([seq], np.int32), np.arange(len(seq), dtype=np.int32)[None],
+                            cfg=model.cfg)
+        logp = jax.nn.log_softmax(np.asarray(logits[0]) / 1.5, axis=-1)
+        expected = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(tokens)]
+        np.testing.assert_allclose(logprobs, expected, atol=1e-4)

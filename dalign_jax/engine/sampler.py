@@ -1,7 +1,9 @@
 """The compiled sampler: one prefill and a `lax.while_loop` of decode steps over a preallocated cache.
 
 Prompts are left-padded to a length bucket and the batch to a batch bucket, so a handful of shapes
-cover any workload; each new shape is one compilation, counted in `Sampler.compile_count`.
+cover any workload; each new shape is one compilation, counted in `Sampler.compile_count`. A prompt
+given several times (k samples, a GRPO group) is prefilled once and its cache copied to its rows; the
+prefill batch of distinct prompts is bucketed too.
 
 Randomness is per row: row i draws from `fold_in(fold_in(key, i), step)`, so a row's sample does not
 depend on what else is in the batch or how the batch was padded.
@@ -187,12 +189,20 @@ def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> tup
     return token.astype(jnp.int32), token_logp
 
 
-def _generate(params, tokens, positions, max_new, stop, key, prefix, *, cfg: ModelConfig, sampling: SamplingParams,
-              new_slots: int, pad_id: int, on_trace):
+def _generate(params, tokens, positions, source, max_new, stop, key, prefix, *, cfg: ModelConfig,
+              sampling: SamplingParams, new_slots: int, pad_id: int, on_trace):
+    """`tokens`, `positions`: the distinct prompts. `source` [rows] (or None: one row per prompt) says
+    which prompt each sampled row continues: the k samples of a prompt share its prefill."""
     on_trace()  # runs once per compilation, never at run time
-    batch, prompt_len = tokens.shape
-    cache = KVCache.empty(cfg, batch, prompt_len + new_slots, dtype=params["embed"].dtype, prefix=prefix)
+    prompt_len = tokens.shape[1]
+    cache = KVCache.empty(cfg, tokens.shape[0], prompt_len + new_slots, dtype=params["embed"].dtype, prefix=prefix)
     logits, cache = forward(params, tokens, positions, cache, cfg=cfg, last_only=True, fresh_cache=True)
+    if source is not None:
+        take = lambda x: jnp.take(x, source, axis=0)  # noqa: E731
+        cache = cache._replace(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)),
+                               positions=take(cache.positions))
+        logits, positions = take(logits), take(positions)
+    batch = positions.shape[0]
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
     active = max_new > 0
 
@@ -259,8 +269,8 @@ class Sampler:
             self._compiled[key] = jax.jit(
                 functools.partial(_generate, cfg=self.cfg, sampling=sampling, new_slots=new_slots,
                                   pad_id=self.pad_id, on_trace=self._count_trace),
-                in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2), batch(1), batch(2),
-                              mesh_lib.replicated(self.mesh), mesh_lib.replicated(self.mesh)),
+                in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2), batch(1), batch(1),
+                              batch(2), mesh_lib.replicated(self.mesh), mesh_lib.replicated(self.mesh)),
                 out_shardings=(batch(2), batch(2), batch(1), batch(1)),
             )
         return self._compiled[key]
@@ -296,7 +306,14 @@ class Sampler:
             raise UserError(f"sampler: prompt of {context - new_slots} plus {new_slots} new tokens exceeds the "
                             f"model's context of {self.cfg.max_position}")
         rows = batch_bucket(n, self.mesh)
-        tokens, positions = left_pad(own, prompt_len, rows, self.pad_id, offset=shared)
+        distinct = list(dict.fromkeys(tuple(p) for p in own))
+        source = None
+        if len(distinct) < n:  # repeated prompts (k samples each) are prefilled once
+            index = {p: i for i, p in enumerate(distinct)}
+            source = np.zeros(rows, np.int32)  # padding rows copy prompt 0 and sample nothing
+            source[:n] = [index[tuple(p)] for p in own]
+            own = distinct
+        tokens, positions = left_pad(own, prompt_len, batch_bucket(len(own), self.mesh), self.pad_id, offset=shared)
         max_new = np.zeros(rows, np.int32)
         max_new[:n] = limits
         width = max(1, max(len(s) for s in per_row_stops))
@@ -304,7 +321,7 @@ class Sampler:
         for i, s in enumerate(per_row_stops):
             stop[i, :len(s)] = s
         fn = self._fn(params, sampling, new_slots)
-        out = jax.device_get(fn(params, tokens, positions, max_new, stop, key, prefix))
+        out = jax.device_get(fn(params, tokens, positions, source, max_new, stop, key, prefix))
         out_tokens, out_logp, lengths, stopped = (np.asarray(x) for x in out)
         return SampleOutput(
             tokens=[out_tokens[i, :lengths[i]] for i in range(n)],
