@@ -15,18 +15,23 @@ import argparse
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+from cpu_devices import use_cpu_devices  # (tools/ is on the path when a tool runs)
 
-from dalign_jax.data.prompts import read_prompts, split
-from dalign_jax.data.spec import load_spec
-from dalign_jax.engine.sampler import Sampler, SamplingParams
-from dalign_jax.engine.scorer import Scorer, score_tokens
-from dalign_jax.model.loader import DEFAULT_MODEL, load_model, resolve_model_path
-from dalign_jax.parallel.mesh import make_mesh, shard_params
-from dalign_jax.stages.distill import distill_prompt_ids
-from dalign_jax.stages.judge import SCORE_PREFILL, judge_messages
-from dalign_jax.engine.chat import encode_chat
+if __name__ == "__main__":  # the device count must be set before JAX is imported
+    use_cpu_devices()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dalign_jax.data.prompts import read_prompts, split  # noqa: E402
+from dalign_jax.data.spec import load_spec  # noqa: E402
+from dalign_jax.engine.chat import encode_chat  # noqa: E402
+from dalign_jax.engine.sampler import Sampler, SamplingParams  # noqa: E402
+from dalign_jax.engine.scorer import Scorer, score_tokens  # noqa: E402
+from dalign_jax.model.loader import DEFAULT_MODEL, load_model, resolve_model_path  # noqa: E402
+from dalign_jax.parallel.mesh import make_mesh, shard_params  # noqa: E402
+from dalign_jax.stages.distill import distill_prompt_ids  # noqa: E402
+from dalign_jax.stages.judge import SCORE_PREFILL, judge_messages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COT = "Analysis: The user asks a question. VI-1 says history and analysis are allowed. Decision: comply"
@@ -83,6 +88,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--judge-inputs", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--devices", default="", help="virtual CPU devices for ours (--devices=N; default: cores)")
     args = parser.parse_args()
 
     import torch

@@ -5,9 +5,8 @@ every token), same optimiser (AdamW, clipping at 1.0). Both are timed over the s
 (ours compiles there, the peer warms up). Ours runs first, so the peak resident memory printed for
 ours is the process's before PyTorch is loaded.
 On a CPU, ours runs data-parallel over one virtual XLA device per core (`--devices`, default: the
-core count, set through XLA_FLAGS before JAX starts): XLA:CPU runs each device's element-wise work on
-its own thread, so two devices keep both cores busy where one leaves the non-matmul work on one core.
-Measured here: 1 device about 110 tokens/s, 2 devices about 133, 4 devices about 85.
+core count; see cpu_devices.py). Measured here: 1 device about 110 tokens/s, 2 devices about 133, 4
+devices about 85.
 Last lines: RESULT sft_tokens_per_s ours=<x> peer=<x> ratio=<ours/peer>, RESULT sft_mfu ours=<x>,
 RESULT sft_peak_rss_gb ours=<x>.
 """
@@ -17,14 +16,14 @@ import argparse
 import functools
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from cpu_devices import use_cpu_devices  # (tools/ is on the path when a tool runs)
+
 if __name__ == "__main__":  # the device count must be set before JAX is imported
-    _devices = next((a.split("=")[1] for a in sys.argv if a.startswith("--devices=")), str(os.cpu_count() or 1))
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_devices}"
+    use_cpu_devices()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
