@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from dalign_jax.config import LORA_TARGETS, Train
 from dalign_jax.parallel.mesh import param_shardings, shard_params
 
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     rank: int
@@ -79,10 +80,10 @@ class Trainable:
             self.initial, self.frozen = params, None
         else:
             self.frozen = shard_params(params, mesh)
-            self.initial = init_adapters(params, lora, jax.random.key(seed))
+            # On the host, like full fine-tuning's parameters: the train state lays them out on the mesh.
+            self.initial = jax.device_get(init_adapters(params, lora, jax.random.key(seed)))
             self._merge = jax.jit(lambda base, adapters: merge(base, adapters, lora),
                                   out_shardings=self.param_sharding)
-
         self.count = count(self.initial)
 
     def take_initial(self) -> dict:
