@@ -46,7 +46,7 @@ def test_lora_sft_trains_adapters_only_and_exports_merged(tmp_path, tiny_chat_mo
     base = load_model(str(tiny_chat_model))
     adapters_size = summary["trainable_params"]
     assert 0 < adapters_size < count(base.params) / 5
-    assert f"trainable parameters: {adapters_size:,} of {count(base.params):,}" in capsys.readouterr().out
+    assert f"trainable parameters: {adapters_size:,} of {count(base.params):,}" in capsys.readouterr().err
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
 
     # The checkpoint holds the adapters and their optimiser moments, not the base weights.

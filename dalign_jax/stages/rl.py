@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 
 import jax
@@ -139,7 +140,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
     state, sharding, start, _ = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh)
     if jax.process_index() == 0:
-        print(f"rl: {trainable.describe()}", flush=True)
+        print(f"rl: {trainable.describe()}", file=sys.stderr, flush=True)  # stdout: the summary JSON
     step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable)
     sample = Rollouts(config, policy, mesh)
     order = np.random.default_rng(config.seed).permutation(len(prompts))

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
     state, sharding, start, data_state = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh)
     del model.params  # the state (or, with LoRA, the frozen base) holds them now
     if jax.process_index() == 0:
-        print(f"sft: {trainable.describe()}", flush=True)
+        print(f"sft: {trainable.describe()}", file=sys.stderr, flush=True)  # stdout: the summary JSON
 
     stream = batches(source, train_idx, model.tokenizer, global_batch=rows * accum, max_len=config.sft.max_seq_len,
                      seed=config.seed, num_batches=steps, process_index=jax.process_index(),
