@@ -16,7 +16,7 @@ from dalign_jax.parallel.mesh import make_mesh
 from dalign_jax.stages.rl import run_rl
 from dalign_jax.stages.sft import run_sft
 from dalign_jax.train.lora import LoraConfig, count, init_adapters, merge
-from test_sft import sft_config
+from test_sft import sft_config, sft_data  # noqa: F401  (sft_data is a fixture)
 
 LORA = dict(lora_rank=4, lora_alpha=8.0)
 
@@ -37,10 +37,10 @@ def test_adapters_start_at_the_base_and_count(tiny_chat_model):
     assert LoraConfig.from_train(Train()) is None
 
 
-def test_lora_sft_trains_adapters_only_and_exports_merged(tmp_path, tiny_chat_model, capsys):
+def test_lora_sft_trains_adapters_only_and_exports_merged(tmp_path, tiny_chat_model, sft_data, capsys):
     import transformers
 
-    config = load_config(sft_config(tmp_path, tiny_chat_model, _data(tmp_path), steps=6,
+    config = load_config(sft_config(tmp_path, tiny_chat_model, sft_data, steps=6,
                                     train=dict(LORA, learning_rate=1e-2, save_every=3)))
     summary = run_sft(config)
     base = load_model(str(tiny_chat_model))
@@ -105,10 +105,3 @@ def test_lora_step_is_sharded_like_one_device(tiny_chat_model):
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(a, b, atol=5e-6)
 
-
-def _data(tmp_path):
-    from test_sft import conversations
-
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in conversations(40)))
-    return path

@@ -29,7 +29,7 @@ from dalign_jax.engine.sampler import Sampler, SamplingParams
 from dalign_jax.model.config import ModelConfig, RopeConfig
 from dalign_jax.model.transformer import init_params
 from dalign_jax.parallel.mesh import make_mesh, param_shardings
-from dalign_jax.train.metrics import train_flops_per_token
+from dalign_jax.train.metrics import measure_peak_flops, train_flops_per_token
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
 from dalign_jax.train.step import COMPUTE_DTYPES, compile_train_step, device_batch, init_state, sft_loss
 
@@ -51,18 +51,6 @@ SIZES = {
 }
 
 
-def measured_peak(dtype, size: int) -> float:
-    a = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
-
-
 def device_peak(dtype) -> tuple[float, str]:
     device = jax.devices()[0]
     if device.platform != "cpu" and dtype == jnp.bfloat16:
@@ -70,7 +58,7 @@ def device_peak(dtype) -> tuple[float, str]:
             if name.lower() in device.device_kind.lower():
                 return peak, f"{device.device_kind} data sheet, dense bfloat16"
     size = 2048 if device.platform == "cpu" else 8192
-    return measured_peak(dtype, size), f"measured {jnp.dtype(dtype).name} matmul {size}^3"
+    return measure_peak_flops(size, dtype=dtype), f"measured {jnp.dtype(dtype).name} matmul {size}^3"
 
 
 def the_models(size: str, attention: str):

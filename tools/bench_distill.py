@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cpu_devices import use_cpu_devices  # (tools/ is on the path when a tool runs)
+from cpu_devices import add_devices_argument, use_cpu_devices  # (tools/ is on the path when a tool runs)
 
 if __name__ == "__main__":  # the device count must be set before JAX is imported
     use_cpu_devices()
@@ -88,7 +88,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--judge-inputs", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--devices", default="", help="virtual CPU devices for ours (--devices=N; default: cores)")
+    add_devices_argument(parser)
     args = parser.parse_args()
 
     import torch

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import resource
 import tempfile
 import time
 from pathlib import Path
 
-from cpu_devices import use_cpu_devices  # (tools/ is on the path when a tool runs)
+from cpu_devices import add_devices_argument, use_cpu_devices  # (tools/ is on the path when a tool runs)
 
 if __name__ == "__main__":  # the device count must be set before JAX is imported
     use_cpu_devices()
@@ -90,8 +89,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6, help="timed steps (one more is run first)")
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--devices", default=str(os.cpu_count() or 1),
-                        help="virtual CPU devices for ours (give as --devices=N; read before JAX starts)")
+    add_devices_argument(parser)
     args = parser.parse_args()
 
     model = load_model(DEFAULT_MODEL)

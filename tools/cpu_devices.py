@@ -10,6 +10,12 @@ import os
 import sys
 
 
+def add_devices_argument(parser) -> None:
+    """`--devices` in the tool's help (its value is read by `use_cpu_devices`, before JAX starts)."""
+    parser.add_argument("--devices", default=str(os.cpu_count() or 1),
+                        help="virtual CPU devices for ours (give as --devices=N; read before JAX starts)")
+
+
 def use_cpu_devices() -> str:
     """Set the virtual device count from `--devices=N` (default: the core count); return it."""
     count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), str(os.cpu_count() or 1))

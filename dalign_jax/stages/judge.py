@@ -211,6 +211,7 @@ def run_judge(config: Config, force: bool = False) -> dict:
     kept = select(scored, config.judge.threshold, config.judge.best_of_n, config.judge.require_expected_mode)
     write_records(out / "sft", [sft_record(r) for r in kept])
     summary = dict(summarise(scored, kept, config.judge.require_expected_mode), spec_version=spec.version,
-                   judge_model_id=engine.model.model_id, threshold=config.judge.threshold, best_of_n=config.judge.best_of_n, complete=True)
+                   judge_model_id=engine.model.model_id, threshold=config.judge.threshold,
+                   best_of_n=config.judge.best_of_n, complete=True)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

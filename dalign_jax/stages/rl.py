@@ -28,7 +28,7 @@ from dalign_jax.data.spec import load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler, SamplingParams
 from dalign_jax.errors import UserError
-from dalign_jax.parallel.mesh import batch_size_multiple, param_shardings, shard_params
+from dalign_jax.parallel.mesh import batch_size_multiple, shard_params
 from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
@@ -136,7 +136,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
     # The KL reference is the starting policy, frozen: with LoRA that is the base the adapters sit on.
     reference = shard_params(policy.params, mesh) if trainable.lora is None else trainable.frozen
     reference_logp = jax.jit(functools.partial(token_logprobs, cfg=policy.cfg, temperature=rl.temperature),
-                             in_shardings=(param_shardings(reference, mesh), None, None))
+                             in_shardings=(trainable.param_sharding, None, None))
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
     state, sharding, start, _ = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh)
     if jax.process_index() == 0:

@@ -168,7 +168,8 @@ def run_sft(config: Config, force: bool = False) -> dict:
     log.close()
     checkpoints.close()
 
-    export_dir = export_trained(out / "export", model, trainable.full_params(state.params)) if config.sft.export else None
+    export_dir = (export_trained(out / "export", model, trainable.full_params(state.params))
+                  if config.sft.export else None)
     summary = _summary(log.rows, steps, len(train_idx), len(heldout_idx), peak, export_dir)
     summary["trainable_params"] = trainable.count
     if jax.process_index() == 0:

@@ -27,10 +27,10 @@ def train_flops_per_token(cfg: ModelConfig) -> float:
     return 6.0 * matmul_params(cfg)
 
 
-def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """The float32 matmul rate of the first device, in FLOP/s: the ceiling MFU is measured against."""
+def measure_peak_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """The matmul rate of the first device in `dtype`, in FLOP/s: the ceiling MFU is measured against."""
     device = jax.devices()[0]
-    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     best = math.inf
