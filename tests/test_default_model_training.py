@@ -48,7 +48,7 @@ def test_sft_teaches_the_format_without_the_spec(tmp_path):
     config = tmp_path / "sft.yaml"
     config.write_text(json.dumps({
         "run_dir": str(tmp_path / "run"), "mesh": {"devices": 1},
-        "sft": {"data": str(data), "batch_size": 4, "steps": 14, "max_seq_len": 128, "eval_every": 14,
+        "sft": {"data": str(data), "batch_size": 4, "steps": 20, "max_seq_len": 128, "eval_every": 20,
                 "heldout_fraction": 0.15, "train": {"learning_rate": 1e-4, "warmup_steps": 2, "save_every": 100}}}))
     summary = run_sft(load_config(config))
     print(summary)
