@@ -47,7 +47,7 @@ class Prompts:
     path: str = "specs/prompts/safety_prompts.jsonl"  # our JSONL, or an AdvBench / StrongREJECT CSV
     split: Literal["train", "heldout", "all"] = "train"
     limit: int = 0  # 0: every prompt; n: the first n (for quick runs)
-    per_category: int = 0  # 0: every prompt; n: the first n of each category (smaller runs that cover all)
+    per_category: int = 0  # 0: every prompt; n: n of each category, its expected modes in turn (smaller runs)
 
 
 @dataclasses.dataclass
@@ -58,6 +58,13 @@ class Distill:
     # Write the answer delimiter after the analysis ourselves and sample the answer in a second pass,
     # so that a small model's completions always have both parts; false: one pass, parsed as written.
     force_format: bool = True
+    # Tell the teacher each prompt's expected_mode in the system turn, which SFT drops with the spec,
+    # and (with force_format) end its analysis on that decision: a small teacher that reads the spec
+    # and still complies with everything then writes refusals and safe completions where they belong.
+    mode_hint: bool = False
+    # Text that starts the answer, by expected mode (with force_format), e.g. {refuse: "I'm sorry, but"}:
+    # the teacher continues it, so a hinted refusal reads as one.
+    answer_prefix: dict[str, str] = dataclasses.field(default_factory=dict)
     temperature: float = 0.8
     top_k: int = 0
     top_p: float = 0.95
@@ -303,6 +310,11 @@ def _check_ranges(config: Config, source: str) -> None:
         if unknown or not targets:
             raise UserError(f"{source}: config key {name}.train.lora_targets: {', '.join(unknown) or 'empty'}; "
                             f"choose from {', '.join(LORA_TARGETS)}")
+    from dalign_jax.data.spec import MODES
+    unknown = sorted(set(config.distill.answer_prefix) - set(MODES))
+    if unknown:
+        raise UserError(f"{source}: config key distill.answer_prefix: {', '.join(unknown)}; "
+                        f"choose from {', '.join(MODES)}")
     for dotted, (low, high) in RANGES.items():
         value = config
         for part in dotted.split("."):

@@ -53,6 +53,37 @@ def test_distill_records_and_judge_output(mini_run):
     assert json.loads((config.run_path / "judge" / "summary.json").read_text())["kept"] == len(sft)
 
 
+def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the_sft_set(mini_run):
+    from dalign_jax.data.completion import end_on_decision
+    from dalign_jax.data.prompts import Prompt
+    from dalign_jax.stages.distill import distill_messages
+
+    assert end_on_decision("Analysis: asks for X. AL-1 applies. **Decision**: comply. Style: brief", "refuse") == \
+        "Analysis: asks for X. AL-1 applies.\nDecision: refuse"
+    assert end_on_decision("Analysis: asks for X.", "comply") == "Analysis: asks for X.\nDecision: comply"
+    spec = load_spec(load_config(mini_run).spec_dir)
+    prompt = Prompt("p0", "alpha", (("user", "question"),), "refuse")
+    hinted, plain = distill_messages(spec, prompt, mode_hint=True), distill_messages(spec, prompt)
+    assert hinted[0]["content"].startswith(plain[0]["content"]) and "ideal response to this request: refuse" in \
+        hinted[0]["content"] and "ideal response" not in plain[0]["content"]
+
+    config = load_config(mini_run, ["distill.mode_hint=true", "distill.answer_prefix.comply=Sure thing"])
+    run_distill(config)
+    records = [json.loads(x) for f in sorted((config.run_path / "distill").glob("shard-*.jsonl"))
+               for x in f.read_text().splitlines()]
+    assert len(records) == 12
+    for r in records:
+        assert r["cot"].endswith("Decision: comply") and r["decision"] == "comply"
+        assert r["completion"].partition("### Final answer\n")[2].startswith("Sure thing")
+        assert r["sampling"]["mode_hint"] and r["sampling"]["answer_prefix"] == {"comply": "Sure thing"}
+    run_judge(config)
+    for line in (config.run_path / "judge" / "sft.jsonl").read_text().splitlines():
+        prompt_text = "\n".join(m["content"] for m in json.loads(line)["messages"][:-1])
+        assert "reviewer" not in prompt_text and "ideal response" not in prompt_text
+    with pytest.raises(UserError, match="distill.answer_prefix: maybe"):
+        load_config(mini_run, ["distill.answer_prefix.maybe=x"])
+
+
 def test_distill_resumes_after_a_kill_without_duplicates_or_gaps(mini_run, tmp_path):
     config = load_config(mini_run)
     reference = load_config(mini_run, [f"run_dir={tmp_path / 'reference'}"])
@@ -137,7 +168,7 @@ def test_generated_scores_outside_the_scale_are_not_misread():
     assert parse_score("Score: 15") == 0.0 and parse_score("no score") == 0.0
 
 
-def test_prompts_per_category_keeps_the_first_of_each():
+def test_prompts_per_category_takes_every_mode_of_each():
     from collections import Counter
 
     from dalign_jax.data.spec import load_spec
@@ -145,16 +176,23 @@ def test_prompts_per_category_keeps_the_first_of_each():
 
     spec = load_spec("specs")
     everything = open_prompts(load_config(None), spec)
-    some = open_prompts(load_config(None, ["prompts.per_category=5"]), spec)
-    assert Counter(p.category for p in some) == {c: 5 for c in spec.categories}
-    assert [p for p in everything if p.category == "self_harm"][:5] == [p for p in some if p.category == "self_harm"]
+    some = open_prompts(load_config(None, ["prompts.per_category=6"]), spec)
+    assert Counter(p.category for p in some) == {c: 6 for c in spec.categories}
+    assert [p for p in everything if p in set(some)] == some  # the file's order kept
+    for category in spec.categories:
+        modes = Counter(p.expected_mode for p in some if p.category == category)
+        present = {p.expected_mode for p in everything if p.category == category}
+        # The set is sorted by mode within a category; a plain head would hold only "comply".
+        assert set(modes) == present and max(modes.values()) - min(modes.values()) <= 1, (category, modes)
 
 
-def test_eval_limit_takes_prompts_from_every_category():
-    from dalign_jax.data.prompts import Prompt
-    from dalign_jax.stages.eval import spread
+def test_mixed_order_takes_categories_then_modes_in_turn():
+    from dalign_jax.data.prompts import Prompt, mixed
 
-    prompts = [Prompt(f"{c}{i}", c, (("user", "q"),), "comply") for c, n in (("a", 4), ("b", 1), ("c", 2))
-               for i in range(n)]
-    assert [p.id for p in spread(prompts, 5)] == ["a0", "b0", "c0", "a1", "c1"]
-    assert [p.id for p in spread(prompts, 99)] == ["a0", "b0", "c0", "a1", "c1", "a2", "a3"]
+    def p(name, category, mode):
+        return Prompt(name, category, (("user", "q"),), mode)
+
+    prompts = [p("a0", "a", "comply"), p("a1", "a", "comply"), p("a2", "a", "refuse"), p("a3", "a", "refuse"),
+               p("b0", "b", "comply"), p("c0", "c", "refuse"), p("c1", "c", "safe_complete")]
+    assert [x.id for x in mixed(prompts)] == ["a0", "b0", "c0", "a2", "c1", "a1", "a3"]
+    assert [x.id for x in mixed(prompts)[:4]] == ["a0", "b0", "c0", "a2"]

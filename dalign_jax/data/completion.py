@@ -47,6 +47,12 @@ def _decision(cot: str) -> str | None:
     return "safe_complete" if word.startswith("safe") else word
 
 
+def end_on_decision(cot: str, mode: str) -> str:
+    """The analysis cut before any decision the model wrote, ending on `mode` instead (a hinted teacher)."""
+    head = re.split(r"\bdecision\b", cot, maxsplit=1, flags=re.IGNORECASE)[0].rstrip(" *:-\n")
+    return f"{head}\nDecision: {mode}"
+
+
 def parse_completion(text: str, finished: bool = True) -> ParsedCompletion:
     """Split a completion into CoT and answer; `finished` is False when the length limit cut it."""
     head, sep, tail = text.partition(ANSWER_DELIMITER)

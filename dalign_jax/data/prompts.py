@@ -51,6 +51,25 @@ def split(prompts: Iterable[Prompt], part: str) -> list[Prompt]:
     return [p for p in prompts if part == "all" or is_heldout(p.id) == (part == "heldout")]
 
 
+def interleave(prompts: Iterable[Prompt], key) -> list[Prompt]:
+    """The prompts taken in turn from each group of equal `key`, groups in first-seen order."""
+    groups: dict = {}
+    for p in prompts:
+        groups.setdefault(key(p), []).append(p)
+    queues = list(groups.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+def mixed(prompts: Iterable[Prompt]) -> list[Prompt]:
+    """Every category in turn and, within a category, every expected mode in turn: prompt sets are
+    sorted by category and mostly by mode, so that any head of this order covers all of them alike."""
+    by_category: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_category.setdefault(p.category, []).append(p)
+    within = [p for group in by_category.values() for p in interleave(group, lambda p: p.expected_mode)]
+    return interleave(within, lambda p: p.category)
+
+
 def _validate(row, where: str, categories: set[str]) -> Prompt:
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object")

@@ -106,17 +106,17 @@ def open_mesh(config: Config):
 
 
 def open_prompts(config: Config, spec) -> list:
-    from dalign_jax.data.prompts import load_prompt_set, split
+    from dalign_jax.data.prompts import load_prompt_set, mixed, split
 
     prompts = split(load_prompt_set(config.prompts.path, spec.categories), config.prompts.split)
     if config.prompts.per_category:
         taken: dict[str, int] = {}
-        kept = []
-        for p in prompts:
+        kept = set()
+        for p in mixed(prompts):  # every expected mode of a category, not only its first
             taken[p.category] = taken.get(p.category, 0) + 1
             if taken[p.category] <= config.prompts.per_category:
-                kept.append(p)
-        prompts = kept
+                kept.add(id(p))
+        prompts = [p for p in prompts if id(p) in kept]  # in the file's order
     if config.prompts.limit:
         prompts = prompts[:config.prompts.limit]
     if not prompts:

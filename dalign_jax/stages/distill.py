@@ -13,7 +13,8 @@ import jax
 from tqdm import tqdm
 
 from dalign_jax.config import Config
-from dalign_jax.data.completion import ANSWER_DELIMITER, COT_PREFIX, DISTILL_INSTRUCTIONS, parse_completion
+from dalign_jax.data.completion import (ANSWER_DELIMITER, COT_PREFIX, DISTILL_INSTRUCTIONS, end_on_decision,
+                                        parse_completion)
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler, SamplingParams
@@ -21,16 +22,25 @@ from dalign_jax.stages.common import (check_run_header, ensure_writable, open_me
                                       write_atomic, write_records, read_jsonl)
 
 
-def distill_messages(spec: Spec, prompt) -> list[dict]:
-    """The conversation the policy sees while distilling: spec(category) and instructions first."""
+MODE_HINTS = {"comply": "comply, helping with the request in full", "refuse": "refuse",
+              "safe_complete": "give a safe completion"}
+
+
+def distill_messages(spec: Spec, prompt, mode_hint: bool = False) -> list[dict]:
+    """The conversation the policy sees while distilling: spec(category) and instructions first, then
+    (with `mode_hint`) the prompt set's expected mode; SFT keeps none of this system turn."""
     system = f"{spec.render(prompt.category)}\n\n{DISTILL_INSTRUCTIONS}"
+    if mode_hint and prompt.expected_mode:
+        system += (f"\n\nA reviewer who knows the specification has judged the ideal response to this request: "
+                   f"{MODE_HINTS[prompt.expected_mode]}. Explain that decision from the sections that apply, "
+                   f"and write the final answer in the matching style.")
     return [{"role": "system", "content": system}] + prompt.chat()
 
 
-def distill_prompt_ids(tokenizer, spec: Spec, prompt) -> list[int]:
+def distill_prompt_ids(tokenizer, spec: Spec, prompt, mode_hint: bool = False) -> list[int]:
     # The assistant turn is started with the CoT prefix, which steers a small model into the format.
-    return encode_chat(tokenizer, distill_messages(spec, prompt)) + tokenizer.encode(COT_PREFIX,
-                                                                                     add_special_tokens=False)
+    return (encode_chat(tokenizer, distill_messages(spec, prompt, mode_hint))
+            + tokenizer.encode(COT_PREFIX, add_special_tokens=False))
 
 
 def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, key) -> list[dict]:
@@ -45,7 +55,7 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
     records = []
     tok = model.tokenizer
     for b, batch in enumerate(batches):
-        ids = [distill_prompt_ids(tok, spec, p) for p in batch]
+        ids = [distill_prompt_ids(tok, spec, p, d.mode_hint) for p in batch]
         rows = [x for x in ids for _ in range(d.samples_per_prompt)]
         key_b = jax.random.fold_in(key, b)
         limit = d.cot_tokens if d.force_format else d.cot_tokens + d.answer_tokens
@@ -54,11 +64,14 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
         finished = [bool(s) for s in out.stopped]
         if d.force_format:
             cots = [t.partition(ANSWER_DELIMITER)[0].rstrip() for t in texts]
-            answer_rows = [r + tok.encode(c[len(COT_PREFIX):] + f"\n{ANSWER_DELIMITER}\n", add_special_tokens=False)
-                           for r, c in zip(rows, cots)]
+            modes = [batch[r // d.samples_per_prompt].expected_mode for r in range(len(rows))]
+            if d.mode_hint:
+                cots = [end_on_decision(c, m) if m else c for c, m in zip(cots, modes)]
+            starts = [f"{c}\n{ANSWER_DELIMITER}\n{d.answer_prefix.get(m, '')}" for c, m in zip(cots, modes)]
+            answer_rows = [r + tok.encode(s[len(COT_PREFIX):], add_special_tokens=False) for r, s in zip(rows, starts)]
             answers = sampler.generate(params, answer_rows, d.answer_tokens, jax.random.fold_in(key_b, 1 << 20),
                                        sampling, stops)
-            texts = [f"{c}\n{ANSWER_DELIMITER}\n" + tok.decode(t) for c, t in zip(cots, answers.content())]
+            texts = [s + tok.decode(t) for s, t in zip(starts, answers.content())]
             finished = [bool(s) for s in answers.stopped]
         for r, (text, done) in enumerate(zip(texts, finished)):
             prompt = batch[r // d.samples_per_prompt]
@@ -71,7 +84,9 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
                 "spec_version": spec.version, "model_id": model.model_id,
                 "sampling": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
                              "cot_tokens": d.cot_tokens, "answer_tokens": d.answer_tokens,
-                             "force_format": d.force_format, "seed": config.seed},
+                             "force_format": d.force_format, "mode_hint": d.mode_hint,
+                             "answer_prefix": d.answer_prefix,
+                             "seed": config.seed},
             })
     return records
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dalign_jax.config import Config
 from dalign_jax.data import jailbreaks
 from dalign_jax.data.completion import parse_completion
-from dalign_jax.data.prompts import Prompt, load_prompt_set, load_strongreject, split
+from dalign_jax.data.prompts import Prompt, load_prompt_set, load_strongreject, mixed, split
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.errors import UserError
 from dalign_jax.eval import graders
@@ -60,19 +60,8 @@ def eval_sets(config: Config, spec: Spec) -> dict[str, list[Prompt]]:
     if not sets:
         raise UserError("eval: no prompt sets (set eval.heldout, eval.strongreject or eval.prompts)")
     if config.eval.limit:
-        sets = {k: spread(v, config.eval.limit) for k, v in sets.items()}
+        sets = {k: mixed(v)[:config.eval.limit] for k, v in sets.items()}
     return sets
-
-
-def spread(prompts: list[Prompt], count: int) -> list[Prompt]:
-    """The first `count` prompts taken in turn from each category (prompt sets are sorted by category,
-    so a plain head would cover only the first few)."""
-    by_category: dict[str, list[Prompt]] = {}
-    for p in prompts:
-        by_category.setdefault(p.category, []).append(p)
-    queues = list(by_category.values())
-    order = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
-    return order[:count]
 
 
 def with_jailbreaks(prompts: list[Prompt], count: int) -> list[Prompt]:
