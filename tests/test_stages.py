@@ -149,6 +149,21 @@ def test_scorer_is_the_expected_score_under_the_next_token_distribution(tiny_cha
         assert abs(score - float(np.dot(p, np.arange(10))) / 9) < 1e-5
 
 
+def test_judge_engine_batches_by_length_and_returns_scores_in_input_order(mini_run):
+    from dalign_jax.stages.common import open_mesh
+    from dalign_jax.stages.judge import JudgeEngine
+
+    config = load_config(mini_run, ["judge.batch_size=3"])
+    spec = load_spec(config.spec_dir)
+    engine = JudgeEngine(config, open_mesh(config))
+    conversations = [judge_messages(spec, "alpha" if i % 3 else "beta", [{"role": "user", "content": "q " * i}],
+                                    "answer " * (7 - i)) for i in range(7)]
+    alone = [float(engine.score([c])[0]) for c in conversations]
+    together = engine.score(conversations)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert len(set(np.round(alone, 6))) > 1  # the inputs differ, so a mix-up would show
+
+
 def test_judge_input_without_cot_never_contains_it():
     spec = load_spec(Path(__file__).resolve().parents[1] / "specs")
     conversation = [{"role": "user", "content": "hello"}]

@@ -90,15 +90,21 @@ class JudgeEngine:
         """Scores in [0, 1], one per conversation."""
         from dalign_jax.engine.chat import complete_chats
 
+        if self.mode == "score":
+            ids = [self.prompt_ids(m) for m in conversations]
+            # Batches of one system turn (spec(category), shared as a cached prefix), shortest first,
+            # so that each batch pads its inputs to about its own length.
+            order = sorted(range(len(ids)), key=lambda i: (conversations[i][0]["content"], len(ids[i])))
+            scores = np.zeros(len(ids), np.float32)
+            for b in range(0, len(order), self.batch_size):
+                rows = order[b:b + self.batch_size]
+                scores[rows] = self.scorer.score(self.params, [ids[i] for i in rows])[0]
+            return scores
         scores = []
         for b in range(0, len(conversations), self.batch_size):
-            batch = conversations[b:b + self.batch_size]
-            if self.mode == "score":
-                scores.append(self.scorer.score(self.params, [self.prompt_ids(m) for m in batch])[0])
-            else:
-                outs = complete_chats(self.model, self.sampler, self.params, batch, self.max_new_tokens,
-                                      jax.random.key(b))
-                scores.append(np.array([parse_score(o.text) for o in outs], np.float32))
+            outs = complete_chats(self.model, self.sampler, self.params, conversations[b:b + self.batch_size],
+                                  self.max_new_tokens, jax.random.key(b))
+            scores.append(np.array([parse_score(o.text) for o in outs], np.float32))
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
