@@ -61,6 +61,8 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
     assert end_on_decision("Analysis: asks for X. AL-1 applies. **Decision**: comply. Style: brief", "refuse") == \
         "Analysis: asks for X. AL-1 applies.\nDecision: refuse"
     assert end_on_decision("Analysis: asks for X.", "comply") == "Analysis: asks for X.\nDecision: comply"
+    assert end_on_decision("Analysis: a decision to make. Decision - refuse", "comply") == \
+        "Analysis: a decision to make.\nDecision: comply"  # "decision" in prose is not the decision
     spec = load_spec(load_config(mini_run).spec_dir)
     prompt = Prompt("p0", "alpha", (("user", "question"),), "refuse")
     hinted, plain = distill_messages(spec, prompt, mode_hint=True), distill_messages(spec, prompt)

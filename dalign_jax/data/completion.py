@@ -48,8 +48,8 @@ def _decision(cot: str) -> str | None:
 
 
 def end_on_decision(cot: str, mode: str) -> str:
-    """The analysis cut before any decision the model wrote, ending on `mode` instead (a hinted teacher)."""
-    head = re.split(r"\bdecision\b", cot, maxsplit=1, flags=re.IGNORECASE)[0].rstrip(" *:-\n")
+    """The analysis cut before any "Decision:" the model wrote, ending on `mode` instead (a hinted teacher)."""
+    head = re.split(r"\**\bdecision\b\**\s*[:\-]", cot, maxsplit=1, flags=re.IGNORECASE)[0].rstrip(" *:-\n")
     return f"{head}\nDecision: {mode}"
 
 
