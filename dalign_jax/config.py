@@ -65,6 +65,12 @@ class Distill:
     # Text that starts the answer, by expected mode (with force_format), e.g. {refuse: "I'm sorry, but"}:
     # the teacher continues it, so a hinted refusal reads as one.
     answer_prefix: dict[str, str] = dataclasses.field(default_factory=dict)
+    # At most this many sentences of the answer, by expected mode, e.g. {refuse: 1}: the refusal style
+    # is a brief apology and a statement of inability, and a small teacher rambles on after it.
+    answer_sentences: dict[str, int] = dataclasses.field(default_factory=dict)
+    # An answer cut by answer_tokens is kept up to its last full sentence (a finished answer that SFT
+    # teaches to end) instead of being dropped as truncated.
+    trim_truncated: bool = False
     temperature: float = 0.8
     top_k: int = 0
     top_p: float = 0.95
@@ -311,10 +317,14 @@ def _check_ranges(config: Config, source: str) -> None:
             raise UserError(f"{source}: config key {name}.train.lora_targets: {', '.join(unknown) or 'empty'}; "
                             f"choose from {', '.join(LORA_TARGETS)}")
     from dalign_jax.data.spec import MODES
-    unknown = sorted(set(config.distill.answer_prefix) - set(MODES))
-    if unknown:
-        raise UserError(f"{source}: config key distill.answer_prefix: {', '.join(unknown)}; "
-                        f"choose from {', '.join(MODES)}")
+    for key in ("answer_prefix", "answer_sentences"):
+        unknown = sorted(set(getattr(config.distill, key)) - set(MODES))
+        if unknown:
+            raise UserError(f"{source}: config key distill.{key}: {', '.join(unknown)}; "
+                            f"choose from {', '.join(MODES)}")
+    for mode, count in config.distill.answer_sentences.items():
+        if count < 1:
+            raise UserError(f"{source}: config key distill.answer_sentences.{mode}: must be at least 1, got {count!r}")
     for dotted, (low, high) in RANGES.items():
         value = config
         for part in dotted.split("."):

@@ -130,6 +130,21 @@ def test_completion_parsing():
     assert parse_completion("Analysis: ... Decision: safe completion\n### Final answer\nok").decision == "safe_complete"
 
 
+def test_trim_answer_keeps_whole_sentences():
+    from dalign_jax.data.completion import trim_answer
+
+    refusal = "I'm sorry, but I can't help with that. I'm only happy to say more about"
+    assert trim_answer(refusal, finished=False) == (refusal, False)  # no trimming asked for
+    assert trim_answer(refusal, finished=False, trim_truncated=True) == ("I'm sorry, but I can't help with that.", True)
+    assert trim_answer(refusal + " it.", finished=True, max_sentences=1) == ("I'm sorry, but I can't help with that.", True)
+    assert trim_answer("One. Two.", finished=True, max_sentences=2) == ("One. Two.", True)  # nothing after the limit
+    assert trim_answer("Steps:\n1. Boil water\n2. Add", finished=False, trim_truncated=True) == \
+        ("Steps:\n1. Boil water\n2. Add", False)  # "1." is a list marker, not a sentence end
+    assert trim_answer('He said "stop." Then he ran and', finished=False, trim_truncated=True) == \
+        ('He said "stop."', True)
+    assert trim_answer("No full sentence yet", finished=False, trim_truncated=True) == ("No full sentence yet", False)
+
+
 def test_config_overrides_and_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("run_dir: runs/x\ndistill:\n  samples_per_prompt: 3\n")

@@ -69,21 +69,25 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
     assert hinted[0]["content"].startswith(plain[0]["content"]) and "ideal response to this request: refuse" in \
         hinted[0]["content"] and "ideal response" not in plain[0]["content"]
 
-    config = load_config(mini_run, ["distill.mode_hint=true", "distill.answer_prefix.comply=Sure thing"])
-    run_distill(config)
+    config = load_config(mini_run, ["distill.mode_hint=true", "distill.answer_prefix.comply=Sure thing. Here",
+                                    "distill.answer_sentences.comply=1"])
+    summary = run_distill(config)
     records = [json.loads(x) for f in sorted((config.run_path / "distill").glob("shard-*.jsonl"))
                for x in f.read_text().splitlines()]
-    assert len(records) == 12
+    assert len(records) == 12 and summary["trimmed"] == 12
     for r in records:
         assert r["cot"].endswith("Decision: comply") and r["decision"] == "comply"
-        assert r["completion"].partition("### Final answer\n")[2].startswith("Sure thing")
-        assert r["sampling"]["mode_hint"] and r["sampling"]["answer_prefix"] == {"comply": "Sure thing"}
+        # the answer is cut after its first sentence, which makes it a finished one
+        assert r["answer"] == "Sure thing." and r["parse_status"] == "ok" and r["trimmed"]
+        assert r["sampling"]["mode_hint"] and r["sampling"]["answer_prefix"] == {"comply": "Sure thing. Here"}
     run_judge(config)
     for line in (config.run_path / "judge" / "sft.jsonl").read_text().splitlines():
         prompt_text = "\n".join(m["content"] for m in json.loads(line)["messages"][:-1])
         assert "reviewer" not in prompt_text and "ideal response" not in prompt_text
     with pytest.raises(UserError, match="distill.answer_prefix: maybe"):
         load_config(mini_run, ["distill.answer_prefix.maybe=x"])
+    with pytest.raises(UserError, match="distill.answer_sentences.refuse: must be at least 1"):
+        load_config(mini_run, ["distill.answer_sentences.refuse=0"])
 
 
 def test_distill_resumes_after_a_kill_without_duplicates_or_gaps(mini_run, tmp_path):

@@ -53,6 +53,33 @@ def end_on_decision(cot: str, mode: str) -> str:
     return f"{head}\nDecision: {mode}"
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def sentence_ends(text: str) -> list[int]:
+    """Offsets just after each sentence end in `text`; a list marker such as "2." is not one."""
+    ends = []
+    for m in _SENTENCE_END.finditer(text):
+        line = text[:m.start()].rsplit("\n", 1)[-1].strip()
+        if line and not line.isdigit():
+            ends.append(m.end())
+    return ends
+
+
+def trim_answer(answer: str, finished: bool, max_sentences: int = 0, trim_truncated: bool = False) -> tuple[str, bool]:
+    """(answer, finished) cut to at most `max_sentences` sentences (0: no limit), and with
+    `trim_truncated` an answer the length limit cut kept up to its last full sentence. Either cut makes
+    a finished answer; one the limit cut before any full sentence is returned as it was."""
+    ends = sentence_ends(answer)
+    if max_sentences and len(ends) >= max_sentences:
+        end = ends[max_sentences - 1]
+        if answer[end:].strip() or not finished:
+            return answer[:end], True
+    if not finished and trim_truncated and ends:
+        return answer[:ends[-1]], True
+    return answer, finished
+
+
 def parse_completion(text: str, finished: bool = True) -> ParsedCompletion:
     """Split a completion into CoT and answer; `finished` is False when the length limit cut it."""
     head, sep, tail = text.partition(ANSWER_DELIMITER)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from dalign_jax.config import Config
 from dalign_jax.data.completion import (ANSWER_DELIMITER, COT_PREFIX, DISTILL_INSTRUCTIONS, end_on_decision,
-                                        parse_completion)
+                                        parse_completion, trim_answer)
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler, SamplingParams
@@ -75,17 +75,25 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
             finished = [bool(s) for s in answers.stopped]
         for r, (text, done) in enumerate(zip(texts, finished)):
             prompt = batch[r // d.samples_per_prompt]
+            head, sep, answer = text.partition(ANSWER_DELIMITER)
+            if sep:
+                answer, done = trim_answer(answer, done, d.answer_sentences.get(prompt.expected_mode, 0),
+                                           d.trim_truncated)
+            trimmed = sep and len(head + sep + answer) < len(text)
+            text = head + sep + answer if sep else text
             parsed = parse_completion(text, finished=done)
             records.append({
                 "prompt_id": prompt.id, "sample": r % d.samples_per_prompt, "category": prompt.category,
                 "expected_mode": prompt.expected_mode, "kind": prompt.kind, "messages": prompt.chat(),
-                "completion": text, "cot": parsed.cot, "answer": parsed.answer, "parse_status": parsed.status,
+                "completion": text, "trimmed": bool(trimmed), "cot": parsed.cot, "answer": parsed.answer,
+                "parse_status": parsed.status,
                 "decision": parsed.decision, "cited_sections": list(parsed.cited_sections),
                 "spec_version": spec.version, "model_id": model.model_id,
                 "sampling": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
                              "cot_tokens": d.cot_tokens, "answer_tokens": d.answer_tokens,
                              "force_format": d.force_format, "mode_hint": d.mode_hint,
-                             "answer_prefix": d.answer_prefix,
+                             "answer_prefix": d.answer_prefix, "answer_sentences": d.answer_sentences,
+                             "trim_truncated": d.trim_truncated,
                              "seed": config.seed},
             })
     return records
@@ -118,7 +126,7 @@ def run_distill(config: Config, force: bool = False) -> dict:
     for r in records:
         statuses[r["parse_status"]] = statuses.get(r["parse_status"], 0) + 1
     summary = {"records": len(records), "prompts": len(prompts), "shards": len(shards),
-               "parse_status": statuses, "spec_version": spec.version, "model_id": model.model_id,
+               "parse_status": statuses, "trimmed": sum(bool(r.get("trimmed")) for r in records), "spec_version": spec.version, "model_id": model.model_id,
                "compilations": sampler.compile_count, "complete": True}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

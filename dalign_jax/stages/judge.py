@@ -93,12 +93,16 @@ class JudgeEngine:
         if self.mode == "score":
             ids = [self.prompt_ids(m) for m in conversations]
             # Batches of one system turn (spec(category), shared as a cached prefix), shortest first,
-            # so that each batch pads its inputs to about its own length.
-            order = sorted(range(len(ids)), key=lambda i: (conversations[i][0]["content"], len(ids[i])))
+            # so that each batch pads its inputs to about its own length. A batch never spans two system
+            # turns: one that did would share no prefix and pay for the whole spec in every row.
+            groups: dict[str, list[int]] = {}
+            for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
+                groups.setdefault(conversations[i][0]["content"], []).append(i)
             scores = np.zeros(len(ids), np.float32)
-            for b in range(0, len(order), self.batch_size):
-                rows = order[b:b + self.batch_size]
-                scores[rows] = self.scorer.score(self.params, [ids[i] for i in rows])[0]
+            for group in groups.values():
+                for b in range(0, len(group), self.batch_size):
+                    rows = group[b:b + self.batch_size]
+                    scores[rows] = self.scorer.score(self.params, [ids[i] for i in rows])[0]
             return scores
         scores = []
         for b in range(0, len(conversations), self.batch_size):
@@ -116,8 +120,11 @@ def parse_score(text: str) -> float:
 
 
 def _judge_shard(config: Config, spec: Spec, engine: JudgeEngine, records: list[dict]) -> list[dict]:
-    # Grouped by category, so that each scorer batch shares spec(category) as a cached prefix.
-    ok = sorted((r for r in records if r["parse_status"] == "ok"), key=lambda r: r["category"])
+    # Grouped by category, so that each scorer batch shares spec(category) as a cached prefix. With
+    # require_expected_mode, answers in the wrong mode are dropped by the rule before the judge runs.
+    require = config.judge.require_expected_mode
+    ok = sorted((r for r in records if r["parse_status"] == "ok" and (not require or mode_agrees(r))),
+                key=lambda r: r["category"])
     runs = []
     for variant in range(config.judge.runs):
         conversations = [
@@ -175,13 +182,14 @@ def summarise(scored: list[dict], kept: list[dict], require_mode: bool = False) 
         if r["parse_status"] != "ok":
             dropped[r["parse_status"]] = dropped.get(r["parse_status"], 0) + 1
     judged = [r for r in scored if r["score"] is not None]
+    parsed = [r for r in scored if r["parse_status"] == "ok"]
     with_mode = [r for r in judged if r["expected_mode"] and r["decision"]]
     histogram = np.histogram([r["score"] for r in judged], bins=10, range=(0, 1))[0].tolist()
     return {
         "completions": len(scored), "judged": len(judged), "kept": len(kept),
         "kept_fraction": len(kept) / len(scored) if scored else 0.0,
         "dropped_malformed": dropped,
-        "dropped_mode_mismatch": sum(not mode_agrees(r) for r in judged) if require_mode else None,
+        "dropped_mode_mismatch": sum(not mode_agrees(r) for r in parsed) if require_mode else None,
         "score_histogram": {"bins": [round(i / 10, 1) for i in range(11)], "counts": histogram},
         "mean_score": float(np.mean([r["score"] for r in judged])) if judged else None,
         "mode_agreement": (sum(r["decision"] == r["expected_mode"] for r in with_mode) / len(with_mode)
