@@ -62,6 +62,10 @@ class Distill:
     # and (with force_format) end its analysis on that decision: a small teacher that reads the spec
     # and still complies with everything then writes refusals and safe completions where they belong.
     mode_hint: bool = False
+    # With mode_hint, at most this many sentences of the analysis before its decision line (0: no
+    # limit): an analysis cut at the token limit ends at no point a student can learn to find, so a
+    # greedy student never ends its own; one cut after n sentences ends where the student can tell.
+    cot_sentences: int = 0
     # Text that starts the answer, by expected mode (with force_format), e.g. {refuse: "I'm sorry, but"}:
     # the teacher continues it, so a hinted refusal reads as one.
     answer_prefix: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -299,7 +303,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 # Dotted key -> (low, high) inclusive bounds on values that a type alone does not constrain.
 RANGES = {
     "judge.threshold": (0.0, 1.0), "judge.runs": (1, None), "judge.best_of_n": (1, None),
-    "distill.samples_per_prompt": (1, None), "distill.temperature": (0.0, None), "distill.top_p": (0.0, 1.0),
+    "distill.samples_per_prompt": (1, None), "distill.cot_sentences": (0, None), "distill.temperature": (0.0, None),
+    "distill.top_p": (0.0, 1.0),
     "sft.heldout_fraction": (0.0, 0.9), "sft.capability_ratio": (0.0, 0.9), "sft.batch_size": (1, None),
     "sft.max_seq_len": (8, None), "sft.train.grad_accum": (1, None), "sft.train.learning_rate": (0.0, None),
     "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),

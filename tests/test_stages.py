@@ -63,6 +63,9 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
     assert end_on_decision("Analysis: asks for X.", "comply") == "Analysis: asks for X.\nDecision: comply"
     assert end_on_decision("Analysis: a decision to make. Decision - refuse", "comply") == \
         "Analysis: a decision to make.\nDecision: comply"  # "decision" in prose is not the decision
+    assert end_on_decision("Analysis:\n1. Asks for X.\n2. AL-1 applies. It is allowed. Decision: comply", "comply", 2) == \
+        "Analysis:\n1. Asks for X.\n2. AL-1 applies.\nDecision: comply"  # two sentences, list markers aside
+    assert end_on_decision("Analysis: asks for X", "refuse", 2) == "Analysis: asks for X\nDecision: refuse"
     spec = load_spec(load_config(mini_run).spec_dir)
     prompt = Prompt("p0", "alpha", (("user", "question"),), "refuse")
     hinted, plain = distill_messages(spec, prompt, mode_hint=True), distill_messages(spec, prompt)

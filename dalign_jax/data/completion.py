@@ -47,10 +47,6 @@ def _decision(cot: str) -> str | None:
     return "safe_complete" if word.startswith("safe") else word
 
 
-def end_on_decision(cot: str, mode: str) -> str:
-    """The analysis cut before any "Decision:" the model wrote, ending on `mode` instead (a hinted teacher)."""
-    head = re.split(r"\**\bdecision\b\**\s*[:\-]", cot, maxsplit=1, flags=re.IGNORECASE)[0].rstrip(" *:-\n")
-    return f"{head}\nDecision: {mode}"
 
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
@@ -64,6 +60,16 @@ def sentence_ends(text: str) -> list[int]:
         if line and not line.isdigit():
             ends.append(m.end())
     return ends
+
+
+def end_on_decision(cot: str, mode: str, max_sentences: int = 0) -> str:
+    """The analysis cut before any "Decision:" the model wrote (and after `max_sentences` sentences,
+    0: no limit), ending on `mode` instead (a hinted teacher)."""
+    head = re.split(r"\**\bdecision\b\**\s*[:\-]", cot, maxsplit=1, flags=re.IGNORECASE)[0]
+    ends = sentence_ends(head)
+    if max_sentences and len(ends) >= max_sentences:
+        head = head[:ends[max_sentences - 1]]
+    return f"{head.rstrip(' *:-' + chr(10))}\nDecision: {mode}"
 
 
 def trim_answer(answer: str, finished: bool, max_sentences: int = 0, trim_truncated: bool = False) -> tuple[str, bool]:

@@ -66,7 +66,7 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
             cots = [t.partition(ANSWER_DELIMITER)[0].rstrip() for t in texts]
             modes = [batch[r // d.samples_per_prompt].expected_mode for r in range(len(rows))]
             if d.mode_hint:
-                cots = [end_on_decision(c, m) if m else c for c, m in zip(cots, modes)]
+                cots = [end_on_decision(c, m, d.cot_sentences) if m else c for c, m in zip(cots, modes)]
             starts = [f"{c}\n{ANSWER_DELIMITER}\n{d.answer_prefix.get(m, '')}" for c, m in zip(cots, modes)]
             answer_rows = [r + tok.encode(s[len(COT_PREFIX):], add_special_tokens=False) for r, s in zip(rows, starts)]
             answers = sampler.generate(params, answer_rows, d.answer_tokens, jax.random.fold_in(key_b, 1 << 20),
@@ -92,8 +92,8 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
                 "sampling": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
                              "cot_tokens": d.cot_tokens, "answer_tokens": d.answer_tokens,
                              "force_format": d.force_format, "mode_hint": d.mode_hint,
-                             "answer_prefix": d.answer_prefix, "answer_sentences": d.answer_sentences,
-                             "trim_truncated": d.trim_truncated,
+                             "cot_sentences": d.cot_sentences, "answer_prefix": d.answer_prefix,
+                             "answer_sentences": d.answer_sentences, "trim_truncated": d.trim_truncated,
                              "seed": config.seed},
             })
     return records
