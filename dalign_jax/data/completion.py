@@ -47,8 +47,6 @@ def _decision(cot: str) -> str | None:
     return "safe_complete" if word.startswith("safe") else word
 
 
-
-
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
 
@@ -69,7 +67,8 @@ def end_on_decision(cot: str, mode: str, max_sentences: int = 0) -> str:
     ends = sentence_ends(head)
     if max_sentences and len(ends) >= max_sentences:
         head = head[:ends[max_sentences - 1]]
-    return f"{head.rstrip(' *:-' + chr(10))}\nDecision: {mode}"
+    head = head.rstrip(" *:-\n")
+    return f"{head}\nDecision: {mode}"
 
 
 def trim_answer(answer: str, finished: bool, max_sentences: int = 0, trim_truncated: bool = False) -> tuple[str, bool]:

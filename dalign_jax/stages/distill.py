@@ -126,7 +126,8 @@ def run_distill(config: Config, force: bool = False) -> dict:
     for r in records:
         statuses[r["parse_status"]] = statuses.get(r["parse_status"], 0) + 1
     summary = {"records": len(records), "prompts": len(prompts), "shards": len(shards),
-               "parse_status": statuses, "trimmed": sum(bool(r.get("trimmed")) for r in records), "spec_version": spec.version, "model_id": model.model_id,
+               "parse_status": statuses, "trimmed": sum(bool(r.get("trimmed")) for r in records),
+               "spec_version": spec.version, "model_id": model.model_id,
                "compilations": sampler.compile_count, "complete": True}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
