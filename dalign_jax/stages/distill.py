@@ -76,16 +76,16 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
         for r, (text, done) in enumerate(zip(texts, finished)):
             prompt = batch[r // d.samples_per_prompt]
             head, sep, answer = text.partition(ANSWER_DELIMITER)
+            trimmed = False
             if sep:
-                answer, done = trim_answer(answer, done, d.answer_sentences.get(prompt.expected_mode, 0),
-                                           d.trim_truncated)
-            trimmed = sep and len(head + sep + answer) < len(text)
-            text = head + sep + answer if sep else text
+                kept, done = trim_answer(answer, done, d.answer_sentences.get(prompt.expected_mode, 0),
+                                         d.trim_truncated)
+                trimmed, text = len(kept) < len(answer), head + sep + kept
             parsed = parse_completion(text, finished=done)
             records.append({
                 "prompt_id": prompt.id, "sample": r % d.samples_per_prompt, "category": prompt.category,
                 "expected_mode": prompt.expected_mode, "kind": prompt.kind, "messages": prompt.chat(),
-                "completion": text, "trimmed": bool(trimmed), "cot": parsed.cot, "answer": parsed.answer,
+                "completion": text, "trimmed": trimmed, "cot": parsed.cot, "answer": parsed.answer,
                 "parse_status": parsed.status,
                 "decision": parsed.decision, "cited_sections": list(parsed.cited_sections),
                 "spec_version": spec.version, "model_id": model.model_id,
