@@ -66,6 +66,12 @@ class Distill:
     # limit): an analysis cut at the token limit ends at no point a student can learn to find, so a
     # greedy student never ends its own; one cut after n sentences ends where the student can tell.
     cot_sentences: int = 0
+    # Text that starts the analysis, by expected mode (with mode_hint), e.g. {refuse: "The request falls
+    # under {category}, where {sections} forbid helping with it."}: {category} is the policy's title,
+    # {sections} the IDs of its sections for that mode. The analysis opens on the policy that applies,
+    # as the paper's do, and a student learns to classify the request before anything else; it counts
+    # among cot_sentences.
+    cot_prefix: dict[str, str] = dataclasses.field(default_factory=dict)
     # Text that starts the answer, by expected mode (with force_format), e.g. {refuse: "I'm sorry, but"}:
     # the teacher continues it, so a hinted refusal reads as one.
     answer_prefix: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -322,11 +328,17 @@ def _check_ranges(config: Config, source: str) -> None:
             raise UserError(f"{source}: config key {name}.train.lora_targets: {', '.join(unknown) or 'empty'}; "
                             f"choose from {', '.join(LORA_TARGETS)}")
     from dalign_jax.data.spec import MODES
-    for key in ("answer_prefix", "answer_sentences"):
+    for key in ("cot_prefix", "answer_prefix", "answer_sentences"):
         unknown = sorted(set(getattr(config.distill, key)) - set(MODES))
         if unknown:
             raise UserError(f"{source}: config key distill.{key}: {', '.join(unknown)}; "
                             f"choose from {', '.join(MODES)}")
+    for mode, template in config.distill.cot_prefix.items():
+        try:
+            template.format(category="C", sections="C-1")
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"{source}: config key distill.cot_prefix.{mode}: {e!r} in {template!r}; "
+                            "the placeholders are {category} and {sections}") from None
     for mode, count in config.distill.answer_sentences.items():
         if count < 1:
             raise UserError(f"{source}: config key distill.answer_sentences.{mode}: must be at least 1, got {count!r}")

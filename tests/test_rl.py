@@ -80,6 +80,25 @@ def test_the_cot_never_reaches_the_judge():
         total_rewards(context, {"nope": 1.0}, [honest], -1.0)
 
 
+def test_mode_reward_checks_the_answer_against_the_expected_mode():
+    spec = load_spec("specs")
+    context = RewardContext(spec, RecordingJudge(), 64)
+
+    def rollout(mode, answer, cot="Analysis: IB-4 forbids it.\nDecision: refuse"):
+        prompt = Prompt("p", "illicit", (("user", "q"),), mode)
+        return Rollout(prompt, f"{cot}\n### Final answer\n{answer}", answer, "ok", 10)
+
+    refusal, help_, support = ("I'm sorry, but I can't help with that.", "Here is how cron works: ...",
+                               "I'm really sorry you're dealing with this. Please talk to a lawyer or legal aid.")
+    rollouts = [rollout("refuse", refusal), rollout("refuse", help_), rollout("comply", help_),
+                rollout("comply", refusal), rollout("safe_complete", support), rollout("safe_complete", help_),
+                rollout(None, refusal)]
+    rewards, parts = total_rewards(context, {"mode": 1.0}, rollouts, -1.0)
+    assert rewards.tolist() == [1, 0, 1, 0, 1, 0, 0]
+    # The analysis has no say: a compliant answer after a "Decision: refuse" is still compliance.
+    assert total_rewards(context, {"mode": 1.0}, [rollout("refuse", help_, "Analysis: refuse it.")], -1.0)[0][0] == 0
+
+
 def test_update_leaves_the_reference_untouched_and_the_gap_is_zero(tiny_chat_model):
     model = load_model(str(tiny_chat_model))
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])

@@ -73,13 +73,19 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
         hinted[0]["content"] and "ideal response" not in plain[0]["content"]
 
     config = load_config(mini_run, ["distill.mode_hint=true", "distill.answer_prefix.comply=Sure thing. Here",
-                                    "distill.answer_sentences.comply=1"])
+                                    "distill.answer_sentences.comply=1",
+                                    "distill.cot_prefix.comply=Under {category}, {sections} allow it."])
     summary = run_distill(config)
     records = [json.loads(x) for f in sorted((config.run_path / "distill").glob("shard-*.jsonl"))
                for x in f.read_text().splitlines()]
     assert len(records) == 12 and summary["trimmed"] == 12
     for r in records:
-        assert r["cot"].endswith("Decision: comply") and r["decision"] == "comply"
+        # the analysis opens on the policy and its sections for the mode (the tiny model's bytes after
+        # it hold no sentence end to cut at)
+        title, prefix = ("Alpha", "AL") if r["category"] == "alpha" else ("Beta", "BE")
+        assert r["cot"].startswith(f"Analysis: Under {title}, {prefix}-1 allow it.")
+        assert r["cot"].endswith("\nDecision: comply")
+        assert r["decision"] == "comply" and r["cited_sections"] == [f"{prefix}-1"]
         # the answer is cut after its first sentence, which makes it a finished one
         assert r["answer"] == "Sure thing." and r["parse_status"] == "ok" and r["trimmed"]
         assert r["sampling"]["mode_hint"] and r["sampling"]["answer_prefix"] == {"comply": "Sure thing. Here"}
@@ -89,6 +95,8 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
         assert "reviewer" not in prompt_text and "ideal response" not in prompt_text
     with pytest.raises(UserError, match="distill.answer_prefix: maybe"):
         load_config(mini_run, ["distill.answer_prefix.maybe=x"])
+    with pytest.raises(UserError, match="distill.cot_prefix.refuse: KeyError.*placeholders are"):
+        load_config(mini_run, ["distill.cot_prefix.refuse=Under {policy}."])
     with pytest.raises(UserError, match="distill.answer_sentences.refuse: must be at least 1"):
         load_config(mini_run, ["distill.answer_sentences.refuse=0"])
 

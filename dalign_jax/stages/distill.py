@@ -12,7 +12,7 @@ import json
 import jax
 from tqdm import tqdm
 
-from dalign_jax.config import Config
+from dalign_jax.config import Config, Distill
 from dalign_jax.data.completion import (ANSWER_DELIMITER, COT_PREFIX, DISTILL_INSTRUCTIONS, end_on_decision,
                                         parse_completion, trim_answer)
 from dalign_jax.data.spec import Spec, load_spec
@@ -37,10 +37,27 @@ def distill_messages(spec: Spec, prompt, mode_hint: bool = False) -> list[dict]:
     return [{"role": "system", "content": system}] + prompt.chat()
 
 
-def distill_prompt_ids(tokenizer, spec: Spec, prompt, mode_hint: bool = False) -> list[int]:
-    # The assistant turn is started with the CoT prefix, which steers a small model into the format.
-    return (encode_chat(tokenizer, distill_messages(spec, prompt, mode_hint))
-            + tokenizer.encode(COT_PREFIX, add_special_tokens=False))
+def listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def cot_start(spec: Spec, prompt, distill: Distill) -> str:
+    """The text the analysis starts with: the CoT prefix, then (with mode_hint) `distill.cot_prefix`
+    for the prompt's expected mode, naming its policy and that policy's sections for the mode."""
+    template = distill.cot_prefix.get(prompt.expected_mode) if distill.mode_hint else None
+    if not template:
+        return COT_PREFIX
+    policy = spec.policy(prompt.category)
+    ids = [s.id for s in policy.sections if s.mode == prompt.expected_mode] or [policy.prefix]
+    return f"{COT_PREFIX} {template.format(category=policy.title, sections=listed(ids))}"
+
+
+def distill_prompt_ids(tokenizer, spec: Spec, prompt, distill: Distill | None = None) -> list[int]:
+    # The assistant turn is started for the model (the CoT prefix at least), which steers a small
+    # model into the format.
+    distill = distill or Distill()
+    return (encode_chat(tokenizer, distill_messages(spec, prompt, distill.mode_hint))
+            + tokenizer.encode(cot_start(spec, prompt, distill), add_special_tokens=False))
 
 
 def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, key) -> list[dict]:
@@ -55,12 +72,13 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
     records = []
     tok = model.tokenizer
     for b, batch in enumerate(batches):
-        ids = [distill_prompt_ids(tok, spec, p, d.mode_hint) for p in batch]
+        ids = [distill_prompt_ids(tok, spec, p, d) for p in batch]
         rows = [x for x in ids for _ in range(d.samples_per_prompt)]
+        started = [cot_start(spec, batch[r // d.samples_per_prompt], d) for r in range(len(rows))]
         key_b = jax.random.fold_in(key, b)
         limit = d.cot_tokens if d.force_format else d.cot_tokens + d.answer_tokens
         out = sampler.generate(params, rows, limit, key_b, sampling, stops)
-        texts = [COT_PREFIX + tok.decode(t) for t in out.content()]
+        texts = [start + tok.decode(t) for start, t in zip(started, out.content())]
         finished = [bool(s) for s in out.stopped]
         if d.force_format:
             cots = [t.partition(ANSWER_DELIMITER)[0].rstrip() for t in texts]
@@ -68,7 +86,8 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
             if d.mode_hint:
                 cots = [end_on_decision(c, m, d.cot_sentences) if m else c for c, m in zip(cots, modes)]
             starts = [f"{c}\n{ANSWER_DELIMITER}\n{d.answer_prefix.get(m, '')}" for c, m in zip(cots, modes)]
-            answer_rows = [r + tok.encode(s[len(COT_PREFIX):], add_special_tokens=False) for r, s in zip(rows, starts)]
+            answer_rows = [r + tok.encode(s[len(c):], add_special_tokens=False)
+                           for r, s, c in zip(rows, starts, started)]
             answers = sampler.generate(params, answer_rows, d.answer_tokens, jax.random.fold_in(key_b, 1 << 20),
                                        sampling, stops)
             texts = [s + tok.decode(t) for s, t in zip(starts, answers.content())]
@@ -92,7 +111,8 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
                 "sampling": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
                              "cot_tokens": d.cot_tokens, "answer_tokens": d.answer_tokens,
                              "force_format": d.force_format, "mode_hint": d.mode_hint,
-                             "cot_sentences": d.cot_sentences, "answer_prefix": d.answer_prefix,
+                             "cot_sentences": d.cot_sentences, "cot_prefix": d.cot_prefix,
+                             "answer_prefix": d.answer_prefix,
                              "answer_sentences": d.answer_sentences, "trim_truncated": d.trim_truncated,
                              "seed": config.seed},
             })
