@@ -66,12 +66,13 @@ class Distill:
     # limit): an analysis cut at the token limit ends at no point a student can learn to find, so a
     # greedy student never ends its own; one cut after n sentences ends where the student can tell.
     cot_sentences: int = 0
-    # Text that starts the analysis, by expected mode (with mode_hint), e.g. {refuse: "The request falls
-    # under {category}, where {sections} forbid helping with it."}: {category} is the policy's title,
-    # {sections} the IDs of its sections for that mode. The analysis opens on the policy that applies,
-    # as the paper's do, and a student learns to classify the request before anything else; it counts
-    # among cot_sentences.
-    cot_prefix: dict[str, str] = dataclasses.field(default_factory=dict)
+    # A sentence that concludes the analysis, by expected mode (with mode_hint and force_format), put
+    # between the cut analysis and its decision line, e.g. {refuse: "The request falls under {category}
+    # ({sections}): the policy forbids helping with it."}: {category} is the policy's title, {sections}
+    # the IDs of its sections for that mode. The analysis ends on the policy that applies, as the
+    # paper's do, after the sentences that restate the request (which a small student needs to read
+    # the request before it classifies it).
+    cot_conclusion: dict[str, str] = dataclasses.field(default_factory=dict)
     # Text that starts the answer, by expected mode (with force_format), e.g. {refuse: "I'm sorry, but"}:
     # the teacher continues it, so a hinted refusal reads as one.
     answer_prefix: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -94,6 +95,9 @@ class Judge:
     runs: int = 2  # judge prompts per completion (varied wording); the score is their minimum
     threshold: float = 0.5  # keep completions scoring at least this (scores lie in [0, 1])
     best_of_n: int = 1  # then keep at most this many per prompt, best first
+    # best_of_n for the prompts of an expected mode, e.g. {refuse: 2}: more of a rarer mode in the SFT
+    # set, whose student otherwise leans to the commoner one.
+    best_of_n_by_mode: dict[str, int] = dataclasses.field(default_factory=dict)
     use_expected_mode: bool = True  # tell the judge the prompt set's expected mode where it has one
     # Also drop, by the rule grader, answers whose mode contradicts the expected one: a refusal where
     # compliance is expected, no refusal where one is, no supportive answer where a safe completion is.
@@ -328,20 +332,26 @@ def _check_ranges(config: Config, source: str) -> None:
             raise UserError(f"{source}: config key {name}.train.lora_targets: {', '.join(unknown) or 'empty'}; "
                             f"choose from {', '.join(LORA_TARGETS)}")
     from dalign_jax.data.spec import MODES
-    for key in ("cot_prefix", "answer_prefix", "answer_sentences"):
+    for key in ("cot_conclusion", "answer_prefix", "answer_sentences"):
         unknown = sorted(set(getattr(config.distill, key)) - set(MODES))
         if unknown:
             raise UserError(f"{source}: config key distill.{key}: {', '.join(unknown)}; "
                             f"choose from {', '.join(MODES)}")
-    for mode, template in config.distill.cot_prefix.items():
+    for mode, template in config.distill.cot_conclusion.items():
         try:
             template.format(category="C", sections="C-1")
         except (KeyError, IndexError, ValueError) as e:
-            raise UserError(f"{source}: config key distill.cot_prefix.{mode}: {e!r} in {template!r}; "
+            raise UserError(f"{source}: config key distill.cot_conclusion.{mode}: {e!r} in {template!r}; "
                             "the placeholders are {category} and {sections}") from None
-    for mode, count in config.distill.answer_sentences.items():
-        if count < 1:
-            raise UserError(f"{source}: config key distill.answer_sentences.{mode}: must be at least 1, got {count!r}")
+    unknown = sorted(set(config.judge.best_of_n_by_mode) - set(MODES))
+    if unknown:
+        raise UserError(f"{source}: config key judge.best_of_n_by_mode: {', '.join(unknown)}; "
+                        f"choose from {', '.join(MODES)}")
+    for key, counts in (("distill.answer_sentences", config.distill.answer_sentences),
+                        ("judge.best_of_n_by_mode", config.judge.best_of_n_by_mode)):
+        for mode, count in counts.items():
+            if count < 1:
+                raise UserError(f"{source}: config key {key}.{mode}: must be at least 1, got {count!r}")
     for dotted, (low, high) in RANGES.items():
         value = config
         for part in dotted.split("."):

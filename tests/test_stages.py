@@ -66,6 +66,10 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
     assert end_on_decision("Analysis:\n1. Asks for X.\n2. AL-1 applies. It is allowed. Decision: comply", "comply", 2) == \
         "Analysis:\n1. Asks for X.\n2. AL-1 applies.\nDecision: comply"  # two sentences, list markers aside
     assert end_on_decision("Analysis: asks for X", "refuse", 2) == "Analysis: asks for X\nDecision: refuse"
+    assert end_on_decision("Analysis: asks for X. Then Y. Z.", "refuse", 1, "AL-2 forbids it.") == \
+        "Analysis: asks for X.\nAL-2 forbids it.\nDecision: refuse"
+    assert end_on_decision("Analysis: Decision: comply", "refuse", 1, "AL-2 forbids it.") == \
+        "Analysis: AL-2 forbids it.\nDecision: refuse"
     spec = load_spec(load_config(mini_run).spec_dir)
     prompt = Prompt("p0", "alpha", (("user", "question"),), "refuse")
     hinted, plain = distill_messages(spec, prompt, mode_hint=True), distill_messages(spec, prompt)
@@ -74,17 +78,16 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
 
     config = load_config(mini_run, ["distill.mode_hint=true", "distill.answer_prefix.comply=Sure thing. Here",
                                     "distill.answer_sentences.comply=1",
-                                    "distill.cot_prefix.comply=Under {category}, {sections} allow it."])
+                                    "distill.cot_conclusion.comply=Under {category}, {sections} allow it."])
     summary = run_distill(config)
     records = [json.loads(x) for f in sorted((config.run_path / "distill").glob("shard-*.jsonl"))
                for x in f.read_text().splitlines()]
     assert len(records) == 12 and summary["trimmed"] == 12
     for r in records:
-        # the analysis opens on the policy and its sections for the mode (the tiny model's bytes after
-        # it hold no sentence end to cut at)
+        # the analysis concludes on the policy and its sections for the mode
         title, prefix = ("Alpha", "AL") if r["category"] == "alpha" else ("Beta", "BE")
-        assert r["cot"].startswith(f"Analysis: Under {title}, {prefix}-1 allow it.")
-        assert r["cot"].endswith("\nDecision: comply")
+        assert r["cot"].startswith("Analysis:")
+        assert r["cot"].endswith(f"Under {title}, {prefix}-1 allow it.\nDecision: comply")
         assert r["decision"] == "comply" and r["cited_sections"] == [f"{prefix}-1"]
         # the answer is cut after its first sentence, which makes it a finished one
         assert r["answer"] == "Sure thing." and r["parse_status"] == "ok" and r["trimmed"]
@@ -95,8 +98,12 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
         assert "reviewer" not in prompt_text and "ideal response" not in prompt_text
     with pytest.raises(UserError, match="distill.answer_prefix: maybe"):
         load_config(mini_run, ["distill.answer_prefix.maybe=x"])
-    with pytest.raises(UserError, match="distill.cot_prefix.refuse: KeyError.*placeholders are"):
-        load_config(mini_run, ["distill.cot_prefix.refuse=Under {policy}."])
+    with pytest.raises(UserError, match="distill.cot_conclusion.refuse: KeyError.*placeholders are"):
+        load_config(mini_run, ["distill.cot_conclusion.refuse=Under {policy}."])
+    with pytest.raises(UserError, match="judge.best_of_n_by_mode: maybe"):
+        load_config(mini_run, ["judge.best_of_n_by_mode.maybe=2"])
+    with pytest.raises(UserError, match="judge.best_of_n_by_mode.refuse: must be at least 1"):
+        load_config(mini_run, ["judge.best_of_n_by_mode.refuse=0"])
     with pytest.raises(UserError, match="distill.answer_sentences.refuse: must be at least 1"):
         load_config(mini_run, ["distill.answer_sentences.refuse=0"])
 
@@ -140,6 +147,9 @@ def test_filter_rule_threshold_then_best_of_n():
             {"prompt_id": "c", "sample": 0, "score": None}]
     kept = select(rows, threshold=0.5, best_of_n=2)
     assert [(r["prompt_id"], r["sample"]) for r in kept] == [("a", 2), ("a", 0)]
+    by_mode = [dict(r, expected_mode="refuse" if r["prompt_id"] == "a" else "comply", score=0.9) for r in rows[:4]]
+    kept = select(by_mode, threshold=0.5, best_of_n=1, best_of_n_by_mode={"refuse": 3})
+    assert [(r["prompt_id"], r["sample"]) for r in kept] == [("a", 0), ("a", 1), ("a", 2), ("b", 0)]
 
 
 def test_filter_rule_can_require_the_expected_mode():

@@ -60,14 +60,18 @@ def sentence_ends(text: str) -> list[int]:
     return ends
 
 
-def end_on_decision(cot: str, mode: str, max_sentences: int = 0) -> str:
+def end_on_decision(cot: str, mode: str, max_sentences: int = 0, conclusion: str = "") -> str:
     """The analysis cut before any "Decision:" the model wrote (and after `max_sentences` sentences,
-    0: no limit), ending on `mode` instead (a hinted teacher)."""
+    0: no limit), then `conclusion` on a line of its own, ending on `mode` instead (a hinted teacher)."""
     head = re.split(r"\**\bdecision\b\**\s*[:\-]", cot, maxsplit=1, flags=re.IGNORECASE)[0]
     ends = sentence_ends(head)
     if max_sentences and len(ends) >= max_sentences:
         head = head[:ends[max_sentences - 1]]
     head = head.rstrip(" *:-\n")
+    if head == COT_PREFIX.rstrip(":"):  # the model wrote no analysis: the prefix keeps its colon
+        head = COT_PREFIX
+    if conclusion:
+        head += (" " if head == COT_PREFIX else "\n") + conclusion
     return f"{head}\nDecision: {mode}"
 
 

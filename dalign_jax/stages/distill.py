@@ -41,23 +41,21 @@ def listed(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
-def cot_start(spec: Spec, prompt, distill: Distill) -> str:
-    """The text the analysis starts with: the CoT prefix, then (with mode_hint) `distill.cot_prefix`
-    for the prompt's expected mode, naming its policy and that policy's sections for the mode."""
-    template = distill.cot_prefix.get(prompt.expected_mode) if distill.mode_hint else None
+def cot_conclusion(spec: Spec, prompt, distill: Distill) -> str:
+    """`distill.cot_conclusion` for the prompt's expected mode, naming its policy and that policy's
+    sections for the mode ("" when there is none)."""
+    template = distill.cot_conclusion.get(prompt.expected_mode)
     if not template:
-        return COT_PREFIX
+        return ""
     policy = spec.policy(prompt.category)
     ids = [s.id for s in policy.sections if s.mode == prompt.expected_mode] or [policy.prefix]
-    return f"{COT_PREFIX} {template.format(category=policy.title, sections=listed(ids))}"
+    return template.format(category=policy.title, sections=listed(ids))
 
 
-def distill_prompt_ids(tokenizer, spec: Spec, prompt, distill: Distill | None = None) -> list[int]:
-    # The assistant turn is started for the model (the CoT prefix at least), which steers a small
-    # model into the format.
-    distill = distill or Distill()
-    return (encode_chat(tokenizer, distill_messages(spec, prompt, distill.mode_hint))
-            + tokenizer.encode(cot_start(spec, prompt, distill), add_special_tokens=False))
+def distill_prompt_ids(tokenizer, spec: Spec, prompt, mode_hint: bool = False) -> list[int]:
+    # The assistant turn is started with the CoT prefix, which steers a small model into the format.
+    return (encode_chat(tokenizer, distill_messages(spec, prompt, mode_hint))
+            + tokenizer.encode(COT_PREFIX, add_special_tokens=False))
 
 
 def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, key) -> list[dict]:
@@ -72,22 +70,22 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
     records = []
     tok = model.tokenizer
     for b, batch in enumerate(batches):
-        ids = [distill_prompt_ids(tok, spec, p, d) for p in batch]
+        ids = [distill_prompt_ids(tok, spec, p, d.mode_hint) for p in batch]
         rows = [x for x in ids for _ in range(d.samples_per_prompt)]
-        started = [cot_start(spec, batch[r // d.samples_per_prompt], d) for r in range(len(rows))]
         key_b = jax.random.fold_in(key, b)
         limit = d.cot_tokens if d.force_format else d.cot_tokens + d.answer_tokens
         out = sampler.generate(params, rows, limit, key_b, sampling, stops)
-        texts = [start + tok.decode(t) for start, t in zip(started, out.content())]
+        texts = [COT_PREFIX + tok.decode(t) for t in out.content()]
         finished = [bool(s) for s in out.stopped]
         if d.force_format:
             cots = [t.partition(ANSWER_DELIMITER)[0].rstrip() for t in texts]
-            modes = [batch[r // d.samples_per_prompt].expected_mode for r in range(len(rows))]
+            hinted = [batch[r // d.samples_per_prompt] for r in range(len(rows))]
+            modes = [p.expected_mode for p in hinted]
             if d.mode_hint:
-                cots = [end_on_decision(c, m, d.cot_sentences) if m else c for c, m in zip(cots, modes)]
+                cots = [end_on_decision(c, p.expected_mode, d.cot_sentences, cot_conclusion(spec, p, d))
+                        if p.expected_mode else c for c, p in zip(cots, hinted)]
             starts = [f"{c}\n{ANSWER_DELIMITER}\n{d.answer_prefix.get(m, '')}" for c, m in zip(cots, modes)]
-            answer_rows = [r + tok.encode(s[len(c):], add_special_tokens=False)
-                           for r, s, c in zip(rows, starts, started)]
+            answer_rows = [r + tok.encode(s[len(COT_PREFIX):], add_special_tokens=False) for r, s in zip(rows, starts)]
             answers = sampler.generate(params, answer_rows, d.answer_tokens, jax.random.fold_in(key_b, 1 << 20),
                                        sampling, stops)
             texts = [s + tok.decode(t) for s, t in zip(starts, answers.content())]
@@ -111,7 +109,7 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
                 "sampling": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
                              "cot_tokens": d.cot_tokens, "answer_tokens": d.answer_tokens,
                              "force_format": d.force_format, "mode_hint": d.mode_hint,
-                             "cot_sentences": d.cot_sentences, "cot_prefix": d.cot_prefix,
+                             "cot_sentences": d.cot_sentences, "cot_conclusion": d.cot_conclusion,
                              "answer_prefix": d.answer_prefix,
                              "answer_sentences": d.answer_sentences, "trim_truncated": d.trim_truncated,
                              "seed": config.seed},

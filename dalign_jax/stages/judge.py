@@ -155,16 +155,19 @@ def mode_agrees(record: dict) -> bool:
     return True
 
 
-def select(scored: list[dict], threshold: float, best_of_n: int, require_mode: bool = False) -> list[dict]:
+def select(scored: list[dict], threshold: float, best_of_n: int, require_mode: bool = False,
+           best_of_n_by_mode: dict[str, int] | None = None) -> list[dict]:
     """The filter rule: judged, at least `threshold`, with `require_mode` the expected mode kept to,
-    then the best `best_of_n` per prompt."""
+    then the best `best_of_n` per prompt (`best_of_n_by_mode[expected mode]` where given)."""
+    by_mode = best_of_n_by_mode or {}
     by_prompt: dict[str, list[dict]] = {}
     for r in scored:
         if r["score"] is not None and r["score"] >= threshold and (not require_mode or mode_agrees(r)):
             by_prompt.setdefault(r["prompt_id"], []).append(r)
     kept = []
     for rows in by_prompt.values():
-        kept.extend(sorted(rows, key=lambda r: (-r["score"], r["sample"]))[:best_of_n])
+        n = by_mode.get(rows[0].get("expected_mode"), best_of_n)
+        kept.extend(sorted(rows, key=lambda r: (-r["score"], r["sample"]))[:n])
     return kept
 
 
@@ -222,10 +225,12 @@ def run_judge(config: Config, force: bool = False) -> dict:
             rows = _judge_shard(config, spec, engine, read_jsonl(shard))
             write_atomic(target, jsonl_text(rows))
         scored.extend(read_jsonl(target))
-    kept = select(scored, config.judge.threshold, config.judge.best_of_n, config.judge.require_expected_mode)
+    kept = select(scored, config.judge.threshold, config.judge.best_of_n, config.judge.require_expected_mode,
+                  config.judge.best_of_n_by_mode)
     write_records(out / "sft", [sft_record(r) for r in kept])
     summary = dict(summarise(scored, kept, config.judge.require_expected_mode), spec_version=spec.version,
                    judge_model_id=engine.model.model_id, threshold=config.judge.threshold,
-                   best_of_n=config.judge.best_of_n, complete=True)
+                   best_of_n=config.judge.best_of_n, best_of_n_by_mode=config.judge.best_of_n_by_mode,
+                   complete=True)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
