@@ -93,7 +93,7 @@ def test_mode_reward_checks_the_answer_against_the_expected_mode():
     rollouts = [rollout("refuse", refusal), rollout("refuse", help_), rollout("comply", help_),
                 rollout("comply", refusal), rollout("safe_complete", support), rollout("safe_complete", help_),
                 rollout(None, refusal)]
-    rewards, parts = total_rewards(context, {"mode": 1.0}, rollouts, -1.0)
+    rewards, _ = total_rewards(context, {"mode": 1.0}, rollouts, -1.0)
     assert rewards.tolist() == [1, 0, 1, 0, 1, 0, 0]
     # The analysis has no say: a compliant answer after a "Decision: refuse" is still compliance.
     assert total_rewards(context, {"mode": 1.0}, [rollout("refuse", help_, "Analysis: refuse it.")], -1.0)[0][0] == 0
