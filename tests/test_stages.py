@@ -238,3 +238,20 @@ def test_mixed_order_takes_categories_then_modes_in_turn():
                p("b0", "b", "comply"), p("c0", "c", "refuse"), p("c1", "c", "safe_complete")]
     assert [x.id for x in mixed(prompts)] == ["a0", "b0", "c0", "a2", "c1", "a1", "a3"]
     assert [x.id for x in mixed(prompts)[:4]] == ["a0", "b0", "c0", "a2"]
+
+
+def test_eval_does_not_reuse_a_set_made_by_another_checkpoint(mini_run, tmp_path, tiny_chat_model):
+    from dalign_jax.stages.eval import run_eval
+
+    config = load_config(mini_run, ["eval.heldout=false", f"eval.prompts={tmp_path / 'prompts.jsonl'}",
+                                    f"eval.checkpoints=[{tiny_chat_model}]", "eval.max_new_tokens=4",
+                                    "eval.batch_size=4", "eval.jailbreak_prompts=0"])
+    first = run_eval(config)
+    made = next((config.run_path / "eval").glob("*/*.jsonl"))
+    rows = [json.loads(x) for x in made.read_text().splitlines()]
+    stamp = made.stat().st_mtime_ns
+    assert run_eval(config) == first and made.stat().st_mtime_ns == stamp  # this checkpoint's: reused
+    # The same name, another checkpoint (as when a run directory is reused after retraining).
+    made.write_text("".join(json.dumps(dict(r, model_id="another@000000000000")) + "\n" for r in rows))
+    assert run_eval(config) == first
+    assert [json.loads(x)["model_id"] for x in made.read_text().splitlines()] == [r["model_id"] for r in rows]

@@ -57,6 +57,11 @@ def _model_id(name: str, path: Path) -> str:
     return f"{name}@{digest}"
 
 
+def model_id_of(name: str) -> str:
+    """The id `load_model(name)` would record, without loading anything."""
+    return _model_id(name, resolve_model_path(name))
+
+
 def load_model(name: str, attention: str = "einsum") -> LoadedModel:
     """`attention`: how the forward pass computes attention (ModelConfig.attention)."""
     from dalign_jax.model.gguf_io import load_gguf

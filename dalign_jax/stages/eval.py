@@ -132,9 +132,18 @@ def _generate(config: Config, model, sampler, params, prompts: list[Prompt], des
     return outputs
 
 
+def made_by(path: Path, model_id: str) -> bool:
+    """A finished set's file, made by this checkpoint: one a run made of another checkpoint under the
+    same name (a retrained SFT or RL export) is generated again, never reused."""
+    if not path.is_file():
+        return False
+    first = path.read_text().partition("\n")[0]
+    return not first or json.loads(first).get("model_id") == model_id
+
+
 def run_eval(config: Config, force: bool = False) -> dict:
     from dalign_jax.engine.sampler import Sampler
-    from dalign_jax.model.loader import load_model
+    from dalign_jax.model.loader import load_model, model_id_of
     from dalign_jax.parallel.mesh import shard_params
     from dalign_jax.rl.rewards import judge_reward_messages
     from dalign_jax.stages.judge import JudgeEngine
@@ -151,7 +160,9 @@ def run_eval(config: Config, force: bool = False) -> dict:
     judge = None
     results: dict[str, dict] = {}
     for target, path in targets.items():
-        todo = {name: prompts for name, prompts in sets.items() if not (out / target / f"{name}.jsonl").is_file()}
+        wanted = model_id_of(path)
+        todo = {name: prompts for name, prompts in sets.items()
+                if not made_by(out / target / f"{name}.jsonl", wanted)}
         if todo:
             model = load_model(path, config.models.attention)
             params = shard_params(model.params, mesh)
