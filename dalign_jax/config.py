@@ -332,24 +332,22 @@ def _check_ranges(config: Config, source: str) -> None:
             raise UserError(f"{source}: config key {name}.train.lora_targets: {', '.join(unknown) or 'empty'}; "
                             f"choose from {', '.join(LORA_TARGETS)}")
     from dalign_jax.data.spec import MODES
-    for key in ("cot_conclusion", "answer_prefix", "answer_sentences"):
-        unknown = sorted(set(getattr(config.distill, key)) - set(MODES))
+    by_mode = {"distill.cot_conclusion": config.distill.cot_conclusion,
+               "distill.answer_prefix": config.distill.answer_prefix,
+               "distill.answer_sentences": config.distill.answer_sentences,
+               "judge.best_of_n_by_mode": config.judge.best_of_n_by_mode}
+    for key, values in by_mode.items():
+        unknown = sorted(set(values) - set(MODES))
         if unknown:
-            raise UserError(f"{source}: config key distill.{key}: {', '.join(unknown)}; "
-                            f"choose from {', '.join(MODES)}")
+            raise UserError(f"{source}: config key {key}: {', '.join(unknown)}; choose from {', '.join(MODES)}")
     for mode, template in config.distill.cot_conclusion.items():
         try:
             template.format(category="C", sections="C-1")
         except (KeyError, IndexError, ValueError) as e:
             raise UserError(f"{source}: config key distill.cot_conclusion.{mode}: {e!r} in {template!r}; "
                             "the placeholders are {category} and {sections}") from None
-    unknown = sorted(set(config.judge.best_of_n_by_mode) - set(MODES))
-    if unknown:
-        raise UserError(f"{source}: config key judge.best_of_n_by_mode: {', '.join(unknown)}; "
-                        f"choose from {', '.join(MODES)}")
-    for key, counts in (("distill.answer_sentences", config.distill.answer_sentences),
-                        ("judge.best_of_n_by_mode", config.judge.best_of_n_by_mode)):
-        for mode, count in counts.items():
+    for key in ("distill.answer_sentences", "judge.best_of_n_by_mode"):
+        for mode, count in by_mode[key].items():
             if count < 1:
                 raise UserError(f"{source}: config key {key}.{mode}: must be at least 1, got {count!r}")
     for dotted, (low, high) in RANGES.items():

@@ -96,16 +96,14 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
     for line in (config.run_path / "judge" / "sft.jsonl").read_text().splitlines():
         prompt_text = "\n".join(m["content"] for m in json.loads(line)["messages"][:-1])
         assert "reviewer" not in prompt_text and "ideal response" not in prompt_text
-    with pytest.raises(UserError, match="distill.answer_prefix: maybe"):
-        load_config(mini_run, ["distill.answer_prefix.maybe=x"])
-    with pytest.raises(UserError, match="distill.cot_conclusion.refuse: KeyError.*placeholders are"):
-        load_config(mini_run, ["distill.cot_conclusion.refuse=Under {policy}."])
-    with pytest.raises(UserError, match="judge.best_of_n_by_mode: maybe"):
-        load_config(mini_run, ["judge.best_of_n_by_mode.maybe=2"])
-    with pytest.raises(UserError, match="judge.best_of_n_by_mode.refuse: must be at least 1"):
-        load_config(mini_run, ["judge.best_of_n_by_mode.refuse=0"])
-    with pytest.raises(UserError, match="distill.answer_sentences.refuse: must be at least 1"):
-        load_config(mini_run, ["distill.answer_sentences.refuse=0"])
+    for override, message in [
+            ("distill.answer_prefix.maybe=x", "distill.answer_prefix: maybe"),
+            ("distill.cot_conclusion.refuse=Under {policy}.", "distill.cot_conclusion.refuse: KeyError.*placeholders are"),
+            ("judge.best_of_n_by_mode.maybe=2", "judge.best_of_n_by_mode: maybe"),
+            ("judge.best_of_n_by_mode.refuse=0", "judge.best_of_n_by_mode.refuse: must be at least 1"),
+            ("distill.answer_sentences.refuse=0", "distill.answer_sentences.refuse: must be at least 1")]:
+        with pytest.raises(UserError, match=message):
+            load_config(mini_run, [override])
 
 
 def test_distill_resumes_after_a_kill_without_duplicates_or_gaps(mini_run, tmp_path):

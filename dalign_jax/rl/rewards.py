@@ -16,9 +16,8 @@ import numpy as np
 from dalign_jax.data.prompts import Prompt
 from dalign_jax.data.spec import Spec
 from dalign_jax.errors import UserError
-from dalign_jax.eval.graders import is_refusal, safe_completion_style_ok
 from dalign_jax.registry import registrar
-from dalign_jax.stages.judge import judge_messages
+from dalign_jax.stages.judge import answer_fits_mode, judge_messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +84,7 @@ def mode_reward(ctx: RewardContext, rollouts: list[Rollout]) -> np.ndarray:
     eval grader (a refusal where refuse is expected, no refusal where comply is, a supportive
     safe completion where that is), else 0; 0 for prompts with no expected mode. A verifiable reward
     beside a judge too small to tell the modes apart; like the judge, it reads the answer alone."""
-    checks = {"refuse": is_refusal, "comply": lambda a: not is_refusal(a), "safe_complete": safe_completion_style_ok}
-    return np.array([float(checks[r.prompt.expected_mode](r.answer)) if r.prompt.expected_mode in checks else 0.0
+    return np.array([float(r.prompt.expected_mode is not None and answer_fits_mode(r.prompt.expected_mode, r.answer))
                      for r in rollouts], np.float32)
 
 

@@ -72,6 +72,7 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
     for b, batch in enumerate(batches):
         ids = [distill_prompt_ids(tok, spec, p, d.mode_hint) for p in batch]
         rows = [x for x in ids for _ in range(d.samples_per_prompt)]
+        row_prompts = [batch[r // d.samples_per_prompt] for r in range(len(rows))]
         key_b = jax.random.fold_in(key, b)
         limit = d.cot_tokens if d.force_format else d.cot_tokens + d.answer_tokens
         out = sampler.generate(params, rows, limit, key_b, sampling, stops)
@@ -79,19 +80,17 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
         finished = [bool(s) for s in out.stopped]
         if d.force_format:
             cots = [t.partition(ANSWER_DELIMITER)[0].rstrip() for t in texts]
-            hinted = [batch[r // d.samples_per_prompt] for r in range(len(rows))]
-            modes = [p.expected_mode for p in hinted]
             if d.mode_hint:
                 cots = [end_on_decision(c, p.expected_mode, d.cot_sentences, cot_conclusion(spec, p, d))
-                        if p.expected_mode else c for c, p in zip(cots, hinted)]
-            starts = [f"{c}\n{ANSWER_DELIMITER}\n{d.answer_prefix.get(m, '')}" for c, m in zip(cots, modes)]
+                        if p.expected_mode else c for c, p in zip(cots, row_prompts)]
+            starts = [f"{c}\n{ANSWER_DELIMITER}\n{d.answer_prefix.get(p.expected_mode, '')}"
+                      for c, p in zip(cots, row_prompts)]
             answer_rows = [r + tok.encode(s[len(COT_PREFIX):], add_special_tokens=False) for r, s in zip(rows, starts)]
             answers = sampler.generate(params, answer_rows, d.answer_tokens, jax.random.fold_in(key_b, 1 << 20),
                                        sampling, stops)
             texts = [s + tok.decode(t) for s, t in zip(starts, answers.content())]
             finished = [bool(s) for s in answers.stopped]
-        for r, (text, done) in enumerate(zip(texts, finished)):
-            prompt = batch[r // d.samples_per_prompt]
+        for r, (prompt, text, done) in enumerate(zip(row_prompts, texts, finished)):
             head, sep, answer = text.partition(ANSWER_DELIMITER)
             trimmed = False
             if sep:

@@ -137,8 +137,9 @@ def made_by(path: Path, model_id: str) -> bool:
     same name (a retrained SFT or RL export) is generated again, never reused."""
     if not path.is_file():
         return False
-    first = path.read_text().partition("\n")[0]
-    return not first or json.loads(first).get("model_id") == model_id
+    with path.open() as f:
+        first = f.readline()
+    return not first.strip() or json.loads(first).get("model_id") == model_id
 
 
 def run_eval(config: Config, force: bool = False) -> dict:
