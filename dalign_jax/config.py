@@ -163,6 +163,10 @@ class RL:
     # length (minus the completion's share of max_new_tokens).
     rewards: dict[str, float] = dataclasses.field(default_factory=lambda: {"judge": 1.0})
     malformed_reward: float = -1.0  # the whole reward of a completion without analysis, delimiter or answer
+    # Completions cut by max_new_tokens are left out of the loss and of their group's advantage
+    # statistics (TRL's mask_truncated_completions), instead of taking malformed_reward: a cut-off
+    # answer says nothing about the answer the policy would have finished.
+    mask_truncated: bool = False
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_norm"] = "token_mean"
     clip_low: float = 0.2  # PPO ratio clipped to [1 - clip_low, 1 + clip_high]

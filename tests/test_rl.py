@@ -32,6 +32,39 @@ def test_advantage_estimators_by_hand():
     np.testing.assert_allclose(ADVANTAGES["rloo"](REWARDS), [[2 / 3, -2 / 3, -2 / 3, 2 / 3], [0, 0, 0, 0]], rtol=1e-6)
 
 
+def test_masked_completions_leave_the_group_statistics():
+    counted = jnp.array([[True, True, False, True], [True, False, False, False]])
+    # Group 1 counts 1, 0, 1 (mean 2/3, std sqrt(2)/3); the third completion gets 0 whatever its reward.
+    rewards = jnp.array([[1.0, 0.0, -1.0, 1.0], [0.5, -1.0, -1.0, -1.0]])
+    std = np.sqrt(2) / 3
+    np.testing.assert_allclose(ADVANTAGES["grpo"](rewards, counted),
+                               [[(1 / 3) / (std + 1e-4), (-2 / 3) / (std + 1e-4), 0, (1 / 3) / (std + 1e-4)],
+                                [0, 0, 0, 0]], rtol=1e-5)
+    np.testing.assert_allclose(ADVANTAGES["dr_grpo"](rewards, counted), [[1 / 3, -2 / 3, 0, 1 / 3], [0, 0, 0, 0]],
+                               rtol=1e-6, atol=1e-7)
+    # RLOO over the three counted: 1 - mean(0, 1) = 0.5; 0 - mean(1, 1) = -1; a group of one gets 0.
+    np.testing.assert_allclose(ADVANTAGES["rloo"](rewards, counted), [[0.5, -1.0, 0, 0.5], [0, 0, 0, 0]],
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_a_row_not_counted_has_no_say_in_the_loss(tiny_chat_model):
+    model = load_model(str(tiny_chat_model))
+    loss_fn = functools.partial(rl_loss, model.params, cfg=model.cfg, temperature=1.0, clip_low=0.2,
+                                clip_high=0.28, kl_coef=0.1, aggregation="token_mean", max_tokens=8)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+
+    def loss(second_completion, advantage, counted):
+        batch = training_batch(prompts, [np.array([3, 4, 5, 6, 7]), second_completion],
+                               [np.full(5, -2.0, np.float32)] * 2, np.array([1.0, advantage]), 0, 16, counted)
+        batch["ref_logp"] = np.full_like(batch["old_logp"], -2.0)
+        loss_sum, weight, _ = loss_fn(batch)
+        return float(loss_sum), float(weight)
+
+    left_out = np.array([True, False])
+    assert loss(np.array([7, 8, 9, 10, 11]), 5.0, left_out) == loss(np.array([20, 30, 40, 50, 60]), -3.0, left_out)
+    assert loss(np.array([7, 8, 9, 10, 11]), 5.0, None) != loss(np.array([20, 30, 40, 50, 60]), -3.0, None)
+
+
 def test_clipped_policy_loss_by_hand():
     logp = jnp.log(jnp.array([1.5, 1.5, 0.5, 0.5]))
     loss, clipped = clipped_policy_loss(logp, jnp.zeros(4), jnp.array([1.0, -1.0, 1.0, -1.0]), 0.2, 0.28)

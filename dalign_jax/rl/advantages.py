@@ -1,7 +1,8 @@
 """Advantage estimators over groups of completions of one prompt, behind a registry.
 
-Each maps rewards [prompts, G] to advantages [prompts, G]; a user adds one with `@register("name")`
-and names it in `rl.advantage`.
+Each maps rewards [prompts, G] and a mask of the completions that count ([prompts, G] bool, or None
+for all) to advantages [prompts, G]; a masked completion gets 0 and is left out of its group's
+statistics. A user adds one with `@register("name")` and names it in `rl.advantage`.
 """
 from __future__ import annotations
 
@@ -11,28 +12,39 @@ import jax.numpy as jnp
 
 from dalign_jax.registry import registrar
 
-AdvantageFn = Callable[[jnp.ndarray], jnp.ndarray]
+AdvantageFn = Callable[[jnp.ndarray, jnp.ndarray | None], jnp.ndarray]
 ADVANTAGES: dict[str, AdvantageFn] = {}
 STD_EPS = 1e-4
 
 register = registrar(ADVANTAGES)
 
 
+def _group_stats(rewards, valid):
+    """(mask as float, count, mean, std) per group over the completions that count."""
+    mask = jnp.ones_like(rewards) if valid is None else jnp.asarray(valid, rewards.dtype)
+    count = mask.sum(axis=1, keepdims=True)
+    mean = (rewards * mask).sum(axis=1, keepdims=True) / jnp.maximum(count, 1.0)
+    std = jnp.sqrt((((rewards - mean) * mask) ** 2).sum(axis=1, keepdims=True) / jnp.maximum(count, 1.0))
+    return mask, count, mean, std
+
+
 @register("grpo")
-def grpo(rewards):
+def grpo(rewards, valid=None):
     """(r - group mean) / (group std + eps): DeepSeekMath's GRPO."""
-    centred = rewards - rewards.mean(axis=1, keepdims=True)
-    return centred / (rewards.std(axis=1, keepdims=True) + STD_EPS)
+    mask, _, mean, std = _group_stats(rewards, valid)
+    return (rewards - mean) * mask / (std + STD_EPS)
 
 
 @register("dr_grpo")
-def dr_grpo(rewards):
+def dr_grpo(rewards, valid=None):
     """r - group mean, without the std division that favours low-variance groups (Dr. GRPO)."""
-    return rewards - rewards.mean(axis=1, keepdims=True)
+    mask, _, mean, _ = _group_stats(rewards, valid)
+    return (rewards - mean) * mask
 
 
 @register("rloo")
-def rloo(rewards):
-    """r_i - mean of the other G - 1 rewards of its group (REINFORCE leave-one-out)."""
-    g = rewards.shape[1]
-    return (rewards - rewards.mean(axis=1, keepdims=True)) * g / (g - 1)
+def rloo(rewards, valid=None):
+    """r_i - mean of the other n - 1 rewards of its group (REINFORCE leave-one-out; n counted
+    completions, 0 where a group has fewer than two)."""
+    mask, count, mean, _ = _group_stats(rewards, valid)
+    return (rewards - mean) * mask * count / jnp.maximum(count - 1.0, 1.0) * (count > 1)

@@ -50,9 +50,11 @@ def starting_policy(config: Config) -> str:
 
 
 def training_batch(prompts: list[list[int]], completions: list[np.ndarray], logprobs: list[np.ndarray],
-                   advantages: np.ndarray, pad_id: int, max_len: int) -> dict[str, np.ndarray]:
+                   advantages: np.ndarray, pad_id: int, max_len: int,
+                   counted: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Prompt + completion per row, right-padded to a length bucket. `old_logp` holds the sampler's
-    log-probability at each completion token's own index (0 elsewhere)."""
+    log-probability at each completion token's own index (0 elsewhere). A row whose `counted` is False
+    has no loss tokens."""
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     width = next(b for b in length_buckets(max_len) if b >= max(lengths))
     rows = len(prompts)
@@ -63,7 +65,7 @@ def training_batch(prompts: list[list[int]], completions: list[np.ndarray], logp
         n = len(p) + len(c)
         batch["tokens"][i, :n] = np.concatenate([p, c])
         batch["positions"][i, :n] = np.arange(n)
-        batch["loss_mask"][i, len(p):n] = 1
+        batch["loss_mask"][i, len(p):n] = 1 if counted is None else int(counted[i])
         batch["old_logp"][i, len(p):n] = lp
     return batch
 
@@ -159,9 +161,11 @@ def run_rl(config: Config, force: bool = False) -> dict:
         encoded, sampled, rollouts = sample(trainable.full_params(state.params), chosen, key)
         sampled_s = time.perf_counter() - started
         rewards, parts = total_rewards(context, rl.rewards, rollouts, rl.malformed_reward)
-        advantages = np.asarray(ADVANTAGES[rl.advantage](jnp.asarray(rewards.reshape(-1, rl.group_size)))).reshape(-1)
+        counted = np.array([not (rl.mask_truncated and r.status == "truncated") for r in rollouts])
+        advantages = np.asarray(ADVANTAGES[rl.advantage](jnp.asarray(rewards.reshape(-1, rl.group_size)),
+                                                         jnp.asarray(counted.reshape(-1, rl.group_size)))).reshape(-1)
         judged_s = time.perf_counter() - started - sampled_s
-        local = training_batch(encoded, sampled.tokens, sampled.logprobs, advantages, pad_id, max_len)
+        local = training_batch(encoded, sampled.tokens, sampled.logprobs, advantages, pad_id, max_len, counted)
         ref = np.asarray(reference_logp(reference, local["tokens"], local["positions"]))
         local["ref_logp"] = np.concatenate([np.zeros((ref.shape[0], 1), np.float32), ref], axis=1)
         batch = device_batch(local, mesh, train.grad_accum)
@@ -173,6 +177,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
                 gap = metrics["logprob_gap"]
         metrics["logprob_gap"] = gap
         metrics.update(reward=float(rewards.mean()), malformed=float(np.mean([r.status != "ok" for r in rollouts])),
+                       truncated=float(np.mean([r.status == "truncated" for r in rollouts])),
                        response_tokens=float(np.mean([r.num_tokens for r in rollouts])),
                        rollout_s=sampled_s, reward_s=judged_s, step_s=time.perf_counter() - started,
                        **{f"reward_{k}": float(np.nanmean(v)) if np.isfinite(v).any() else None for k, v in parts.items()},
