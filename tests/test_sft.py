@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from dalign_jax.config import Train, load_config
@@ -21,7 +22,7 @@ from dalign_jax.model.hf_io import load_hf_dir
 from dalign_jax.model.loader import load_model
 from dalign_jax.parallel.mesh import make_mesh
 from dalign_jax.stages.sft import run_sft
-from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
+from dalign_jax.train.optim import learning_rate_schedule, make_optimizer, reference_optimizer
 from dalign_jax.train.step import compile_train_step, device_batch, init_state, sft_loss
 
 
@@ -124,6 +125,27 @@ def _one_step(model, local, mesh, accum):
                               learning_rate_schedule(train, 4), sharding, mesh)
     state, metrics = step(state, device_batch(local, mesh, accum))
     return jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize("max_grad_norm, weight_decay", [(1.0, 0.1), (0.0, 0.0)])
+def test_fused_optimizer_equals_optax_chain(max_grad_norm, weight_decay):
+    """Our one-pass clip + AdamW against optax's clip_by_global_norm + adamw (warm-up, cosine decay,
+    decay on matrices only), over steps where the clip acts and where it does not."""
+    train = Train(learning_rate=1e-2, warmup_steps=2, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
+    ours, reference = make_optimizer(train, 5), reference_optimizer(train, 5)
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(4, 3)).astype(np.float32), "norm": rng.normal(size=(3,)).astype(np.float32)}
+    ours_params, ours_state = params, ours.init(params)
+    ref_params, ref_state = params, reference.init(params)
+    for scale in [5.0, 0.01, 3.0, 0.1, 2.0]:  # gradient norms above and below the clip
+        grads = jax.tree.map(lambda p: (scale * rng.normal(size=p.shape)).astype(np.float32), params)
+        updates, ours_state = ours.update(grads, ours_state, ours_params)
+        ours_params = optax.apply_updates(ours_params, updates)
+        updates, ref_state = reference.update(grads, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+        for name in params:
+            np.testing.assert_allclose(ours_params[name], ref_params[name], rtol=2e-6, atol=2e-7)
+    assert not np.allclose(ours_params["w"], params["w"])
 
 
 def test_gradient_accumulation_equals_one_large_batch(tiny_chat_model):

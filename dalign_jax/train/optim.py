@@ -2,7 +2,10 @@
 clipping, and no weight decay on norms and biases."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from dalign_jax.config import Train
@@ -21,7 +24,56 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+class ClippedAdamWState(NamedTuple):
+    count: jax.Array  # int32 scalar: updates applied so far
+    mu: optax.Updates  # first moments, shaped like the parameters
+    nu: optax.Updates  # second moments
+
+
+def clipped_adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, weight_decay: float,
+                  max_grad_norm: float) -> optax.GradientTransformation:
+    """`optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(schedule, ..., mask=matrices))`
+    as one update per parameter: the clip factor, both moments, the bias-corrected step and the weight
+    decay in one element-wise function, which XLA compiles to one pass over each gradient. The chain
+    writes the clipped gradients out whole before AdamW reads them again, which costs a CPU step as
+    much as the moments (bench_sft: 0.25 s of 3.9). `max_grad_norm` <= 0: no clipping."""
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return ClippedAdamWState(jnp.zeros((), jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params):
+        factor = 1.0
+        if max_grad_norm > 0:
+            norm = optax.tree.norm(grads)
+            factor = jnp.where(norm < max_grad_norm, 1.0, max_grad_norm / norm)
+        count = optax.safe_increment(state.count)
+        step_size = schedule(state.count)
+        correction1, correction2 = 1 - b1 ** count, 1 - b2 ** count
+
+        def one(g, m, v, p):
+            g = g * factor
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            u = (m / correction1) / (jnp.sqrt(v / correction2) + eps)
+            if weight_decay and p.ndim >= 2:  # decay on matrices only, as _decay_mask
+                u = u + weight_decay * p
+            return -step_size * u, m, v
+
+        out = jax.tree.map(one, grads, state.mu, state.nu, params)
+        pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out)  # noqa: E731
+        return pick(0), ClippedAdamWState(count, pick(1), pick(2))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(train: Train, total_steps: int) -> optax.GradientTransformation:
+    return clipped_adamw(learning_rate_schedule(train, total_steps), train.b1, train.b2, 1e-8,
+                         train.weight_decay, train.max_grad_norm)
+
+
+def reference_optimizer(train: Train, total_steps: int) -> optax.GradientTransformation:
+    """The same optimiser as optax's own chain: what `clipped_adamw` is tested against."""
     parts = [optax.clip_by_global_norm(train.max_grad_norm)] if train.max_grad_norm > 0 else []
     parts.append(optax.adamw(learning_rate_schedule(train, total_steps), b1=train.b1, b2=train.b2,
                              weight_decay=train.weight_decay, mask=_decay_mask))
