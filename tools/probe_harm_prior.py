@@ -52,13 +52,16 @@ def main():
     for name, question in QUESTIONS.items():
         scores = []
         for p in prompts:  # one at a time: no padding to reason about
-            ids = encode_chat(model.tokenizer, [{"role": "user", "content": question.format(prompt=p.chat()[-1]["content"])}])
-            logp = np.asarray(jax.nn.log_softmax(last_logits(model.params, jnp.array([ids]), jnp.arange(len(ids))[None])[0]))
+            turn = {"role": "user", "content": question.format(prompt=p.chat()[-1]["content"])}
+            ids = encode_chat(model.tokenizer, [turn])
+            logits = last_logits(model.params, jnp.array([ids]), jnp.arange(len(ids))[None])[0]
+            logp = np.asarray(jax.nn.log_softmax(logits))
             scores.append(np.logaddexp.reduce(logp[yes]) - np.logaddexp.reduce(logp[no]))
         scores = np.array(scores)
         results[name] = auc(scores[refuse], scores[~refuse])
         print(f"{name}: {refuse.sum()} refuse, {(~refuse).sum()} comply prompts; 'Yes' preferred for "
-              f"{(scores[refuse] > 0).mean():.2f} of refuse and {(scores[~refuse] > 0).mean():.2f} of comply", flush=True)
+              f"{(scores[refuse] > 0).mean():.2f} of refuse and {(scores[~refuse] > 0).mean():.2f} of comply",
+              flush=True)
     for name, value in results.items():
         print(f"RESULT harm_prior_auc_{name} ours={value:.3f}")
 
