@@ -51,16 +51,16 @@ def clipped_adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, we
         step_size = schedule(state.count)
         correction1, correction2 = 1 - b1 ** count, 1 - b2 ** count
 
-        def one(g, m, v, p):
+        def one(g, m, v, p, decays):
             g = g * factor
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * g * g
             u = (m / correction1) / (jnp.sqrt(v / correction2) + eps)
-            if weight_decay and p.ndim >= 2:  # decay on matrices only, as _decay_mask
+            if weight_decay and decays:
                 u = u + weight_decay * p
             return -step_size * u, m, v
 
-        out = jax.tree.map(one, grads, state.mu, state.nu, params)
+        out = jax.tree.map(one, grads, state.mu, state.nu, params, _decay_mask(params))
         pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out)  # noqa: E731
         return pick(0), ClippedAdamWState(count, pick(1), pick(2))
 
