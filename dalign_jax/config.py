@@ -122,6 +122,10 @@ class Train:
     grad_accum: int = 1  # micro-batches per optimiser step
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights stay float32
     remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
+    # ZeRO-1: the optimiser's moments and update split over the mesh's data axis as well (each
+    # data-parallel replica updates its share, then the new parameters are gathered); false: every
+    # replica holds and updates all of them.
+    shard_optimizer: bool = True
     log_every: int = 1
     save_every: int = 50  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2
@@ -173,6 +177,9 @@ class RL:
     clip_high: float = 0.28
     kl_coef: float = 0.02  # k3 estimate of KL(policy || reference)
     updates_per_rollout: int = 1  # optimiser steps on each batch of rollouts (PPO epochs); above 1 the clip acts
+    # The sampler's own mesh (data, fsdp, tensor, devices), as Tunix gives rollouts their own: null
+    # samples on the training mesh. The weights are copied onto it before each rollout.
+    rollout_mesh: Optional[MeshConfig] = None
     train: Train = dataclasses.field(default_factory=lambda: Train(learning_rate=1e-6, warmup_steps=0,
                                                                    save_every=10))
 
@@ -264,6 +271,9 @@ def _build(cls, values: dict, prefix: str, source: str):
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise UserError(f"{source}: unknown config key {prefix}{key}{hint}")
         hint = hints[key]
+        optional = [h for h in typing.get_args(hint) if dataclasses.is_dataclass(h)]
+        if typing.get_origin(hint) is typing.Union and optional and isinstance(value, dict):
+            hint = optional[0]  # Optional[section]: a mapping builds the section
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{prefix}{key}.", source)
         elif hint is float and isinstance(value, str) and _is_number(value):

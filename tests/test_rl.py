@@ -189,3 +189,26 @@ def test_rl_stage_runs_resumes_and_logs(mini_run):
     assert run_rl(config) == summary  # complete: nothing to redo
     with pytest.raises(UserError, match="different rl"):  # changed settings are refused
         run_rl(load_config(mini_run, overrides + ["rl.steps=5"]))
+
+
+def test_rollouts_on_their_own_mesh_sample_the_current_weights(mini_run, monkeypatch):
+    """Training data-parallel on 2 devices, sampling on 1 (`rl.rollout_mesh`): each step's weights are
+    copied to the sampler, so the gap stays near zero after updates large enough to show stale ones."""
+    import dalign_jax.stages.rl as rl_stage
+
+    # The tiny model's completions never parse, so every real reward would be the same: draw them.
+    draw = np.random.default_rng(0)
+    monkeypatch.setattr(rl_stage, "total_rewards", lambda ctx, weights, rollouts, malformed: (
+        draw.normal(size=len(rollouts)).astype(np.float32), {}))
+    overrides = ["rl.steps=3", "rl.prompts_per_step=1", "rl.group_size=4", "rl.max_new_tokens=8",
+                 "rl.train.learning_rate=1e-2", "rl.kl_coef=0.0", "mesh.devices=2", "rl.rollout_mesh={devices: 1}"]
+    config = load_config(mini_run, overrides)
+    assert config.rl.rollout_mesh.devices == 1
+    run_rl(config)
+    rows = [json.loads(x) for x in (config.run_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert max(r["logprob_gap"] for r in rows) < 1e-4
+    assert max(r["kl"] for r in rows[1:]) > 1e-3  # the updates moved the policy (stale weights would show)
+    with pytest.raises(UserError, match=r"rl\.rollout_mesh\.devices: 9 requested"):
+        run_rl(load_config(mini_run, ["run_dir=" + str(config.run_path.parent / "other"), "mesh.devices=2",
+                                      "rl.rollout_mesh.devices=9"]))

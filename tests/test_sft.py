@@ -117,13 +117,18 @@ def test_sft_loss_matches_pytorch(tiny_models, tiny_chat_model):
     np.testing.assert_allclose(float(loss_sum / count), float(out.loss), rtol=1e-5)
 
 
-def _one_step(model, local, mesh, accum):
+def _one_step(model, local, mesh, accum, shard_optimizer=False):
     train = Train(learning_rate=1e-3, warmup_steps=0, grad_accum=accum)
     optimizer = make_optimizer(train, 4)
-    state, sharding = init_state(model.params, optimizer, mesh)
+    state, sharding = init_state(model.params, optimizer, mesh, shard_optimizer)
     step = compile_train_step(functools.partial(sft_loss, cfg=model.cfg), optimizer,
-                              learning_rate_schedule(train, 4), sharding, mesh)
+                              learning_rate_schedule(train, 4), sharding, mesh, shard_optimizer=shard_optimizer)
     state, metrics = step(state, device_batch(local, mesh, accum))
+    if shard_optimizer:  # each data-parallel replica holds a share of the moments, all of the parameters
+        moment = state.opt_state.mu["layers"][0]["w_up"]
+        assert "data" in jax.tree.leaves(tuple(moment.sharding.spec)), moment.sharding
+        assert moment.addressable_shards[0].data.size * mesh.shape["data"] <= moment.size
+        assert state.params["layers"][0]["w_up"].sharding == sharding.params["layers"][0]["w_up"]
     return jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}
 
 
@@ -162,12 +167,14 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_chat_model):
         np.testing.assert_allclose(a, b, atol=5e-6)
 
 
-@pytest.mark.parametrize("layout", [(1, 4, 2), (2, 2, 2), (8, 1, 1)])
-def test_sharded_step_equals_one_device(tiny_chat_model, layout):
+@pytest.mark.parametrize("layout, shard_optimizer", [((1, 4, 2), False), ((2, 2, 2), False), ((8, 1, 1), False),
+                                                     ((2, 2, 2), True), ((8, 1, 1), True)])
+def test_sharded_step_equals_one_device(tiny_chat_model, layout, shard_optimizer):
+    """Data, fsdp and tensor parallel, and the optimiser split over the data axis (ZeRO-1)."""
     model = load_model(str(tiny_chat_model))
     local = _batch(model.tokenizer, conversations(8))
     single, m1 = _one_step(model, local, make_mesh(1, 1, 1, devices=jax.devices()[:1]), 1)
-    sharded, m2 = _one_step(model, local, make_mesh(*layout), 1)
+    sharded, m2 = _one_step(model, local, make_mesh(*layout), 1, shard_optimizer)
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):

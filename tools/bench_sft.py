@@ -42,13 +42,14 @@ def make_batches(vocab: int, rows: int, length: int, count: int) -> list[np.ndar
     return [rng.integers(0, vocab, (rows, length)).astype(np.int32) for _ in range(count)]
 
 
-def bench_ours(model, batches, remat: bool):
+def bench_ours(model, batches, remat: bool, shard_optimizer: bool):
     mesh = make_mesh()
     train = Train(learning_rate=1e-5, warmup_steps=0, remat=remat)
     optimizer = make_optimizer(train, len(batches))
-    state, sharding = init_state(model.params, optimizer, mesh)
+    state, sharding = init_state(model.params, optimizer, mesh, shard_optimizer)
     step = compile_train_step(functools.partial(sft_loss, cfg=model.cfg, remat=remat), optimizer,
-                              learning_rate_schedule(train, len(batches)), sharding, mesh)
+                              learning_rate_schedule(train, len(batches)), sharding, mesh,
+                              shard_optimizer=shard_optimizer)
     times, losses = [], []
     for tokens in batches:
         local = {"tokens": tokens, "positions": np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32),
@@ -88,6 +89,8 @@ def main():
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6, help="timed steps (one more is run first)")
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--replicate-optimizer", action="store_true",
+                        help="every data-parallel device updates all parameters (default: each its share)")
     parser.add_argument("--skip-peer", action="store_true")
     add_devices_argument(parser)
     args = parser.parse_args()
@@ -96,7 +99,7 @@ def main():
     batches = make_batches(model.cfg.vocab_size, args.batch, args.length, args.steps + 1)
     peak = measure_peak_flops()
     print(f"devices: {jax.devices()}; float32 matmul ceiling {peak / 1e9:.1f} GFLOP/s", flush=True)
-    ours, first_s, losses = bench_ours(model, batches, args.remat)
+    ours, first_s, losses = bench_ours(model, batches, args.remat, not args.replicate_optimizer)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     mfu = ours * train_flops_per_token(model.cfg) / peak
     print(f"ours: {ours:.1f} tokens/s, first step (compiles) {first_s:.1f} s, losses {np.round(losses, 3)}", flush=True)

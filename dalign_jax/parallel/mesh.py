@@ -78,19 +78,37 @@ def _path_str(path) -> str:
 PARAM_ROOTS = ("embed", "lm_head", "final_norm", "layers")
 
 
-def _leaf_spec(path, shape: tuple[int, ...], mesh: Mesh) -> P:
+def over_data(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """`spec` with the `data` axis added to the first dimension it can split further (ZeRO-1: the
+    optimiser's state and update divided among data-parallel replicas); unchanged where none can."""
+    if mesh.shape["data"] == 1:
+        return spec
+    axes = list(tuple(spec) + (None,) * (len(shape) - len(spec)))
+    for i, (dim, axis) in enumerate(zip(shape, axes)):
+        names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        if dim % (math.prod(mesh.shape[n] for n in names) * mesh.shape["data"]) == 0:
+            axes[i] = (*names, "data") if names else "data"
+            return P(*axes)
+    return spec
+
+
+def _leaf_spec(path, shape: tuple[int, ...], mesh: Mesh, split_over_data: bool = False) -> P:
     """A parameter's rule, also where the parameter tree sits inside another (the optimiser's moments
     mirror the parameters and take their layout); leaves outside any parameter tree are replicated."""
     parts = _path_str(path).split("/")
     root = next((i for i, part in enumerate(parts) if part in PARAM_ROOTS), None)
-    return P() if root is None else param_spec("/".join(parts[root:]), shape, mesh)
+    if root is None:
+        return P()
+    spec = param_spec("/".join(parts[root:]), shape, mesh)
+    return over_data(spec, shape, mesh) if split_over_data else spec
 
 
-def param_shardings(tree, mesh: Mesh):
+def param_shardings(tree, mesh: Mesh, split_over_data: bool = False):
     """NamedSharding for every leaf of a parameter tree, or of a tree holding parameter trees (a train
-    state, an optimiser state), given as arrays or ShapeDtypeStructs."""
+    state, an optimiser state), given as arrays or ShapeDtypeStructs. `split_over_data` adds the data
+    axis to each layout (`over_data`)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, _leaf_spec(path, tuple(x.shape), mesh)), tree)
+        lambda path, x: NamedSharding(mesh, _leaf_spec(path, tuple(x.shape), mesh, split_over_data)), tree)
 
 
 def shard_params(params, mesh: Mesh):

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from dalign_jax.config import Config
+from dalign_jax.config import Config, MeshConfig
 from dalign_jax.errors import UserError
 
 
@@ -88,21 +88,30 @@ def section(config: Config, name: str) -> dict:
 
 
 def open_mesh(config: Config):
-    import jax
-
     from dalign_jax.parallel import distributed
-    from dalign_jax.parallel.mesh import make_mesh
 
     d = config.distributed
     distributed.initialize(d.enabled, d.coordinator, d.num_processes, d.process_id)
+    return mesh_from(config.mesh, "mesh")
+
+
+def mesh_from(shape: MeshConfig, key: str):
+    """The mesh a config section describes (`key` names the section in errors)."""
+    import jax
+
+    from dalign_jax.parallel.mesh import make_mesh
+
     devices = jax.devices()
-    if config.mesh.devices:
+    if shape.devices:
         if jax.process_count() > 1:
-            raise UserError("mesh.devices: must be 0 (every device) on multi-host")
-        if config.mesh.devices > len(devices):
-            raise UserError(f"mesh.devices: {config.mesh.devices} requested, but there are {len(devices)} devices")
-        devices = devices[:config.mesh.devices]
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+            raise UserError(f"{key}.devices: must be 0 (every device) on multi-host")
+        if shape.devices > len(devices):
+            raise UserError(f"{key}.devices: {shape.devices} requested, but there are {len(devices)} devices")
+        devices = devices[:shape.devices]
+    try:
+        return make_mesh(shape.data, shape.fsdp, shape.tensor, devices=devices)
+    except UserError as e:  # make_mesh's message starts "mesh:"
+        raise UserError(str(e).replace("mesh:", f"{key}:", 1)) from None
 
 
 def open_prompts(config: Config, spec) -> list:

@@ -28,17 +28,17 @@ from dalign_jax.data.spec import load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler, SamplingParams
 from dalign_jax.errors import UserError
-from dalign_jax.parallel.mesh import batch_size_multiple, shard_params
+from dalign_jax.parallel.mesh import batch_size_multiple, param_shardings, shard_params
 from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
-from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, jsonl_text, open_mesh,
-                                      open_prompts, read_jsonl, section, write_atomic)
+from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, jsonl_text, mesh_from,
+                                      open_mesh, open_prompts, read_jsonl, section, write_atomic)
 from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
 from dalign_jax.train.lora import LoraConfig, Trainable
 from dalign_jax.train.metrics import MetricsLog, as_host
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
-from dalign_jax.train.step import COMPUTE_DTYPES, compile_train_step, device_batch, token_logprobs
+from dalign_jax.train.step import COMPUTE_DTYPES, compile_batch_logprobs, compile_train_step, device_batch
 
 
 def starting_policy(config: Config) -> str:
@@ -78,7 +78,8 @@ def per_category(rollouts: list[Rollout], rewards: np.ndarray) -> dict[str, floa
 
 
 class Rollouts:
-    """Samples and parses G completions per prompt with the current parameters."""
+    """Samples and parses G completions per prompt with the current parameters, on `mesh` (the
+    training mesh, or `rl.rollout_mesh`)."""
 
     def __init__(self, config: Config, model, mesh):
         rl = config.rl
@@ -91,8 +92,11 @@ class Rollouts:
         # Prompts carry no shared spec here, and the parameters change every step: no prefix cache.
         self.sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0, prefix_min_tokens=0)
         self.stops = stop_token_ids(model)
+        self.mesh = mesh
 
     def __call__(self, params, prompts, key):
+        # On the training mesh this moves nothing; on another, it copies this step's weights there.
+        params = jax.device_put(params, param_shardings(params, self.mesh))
         encoded = [encode_chat(self.model.tokenizer, p.chat()) for p in prompts for _ in range(self.group)]
         out = self.sampler.generate(params, encoded, self.max_new, key, self.sampling, stop_tokens=self.stops)
         rollouts = []
@@ -137,14 +141,17 @@ def run_rl(config: Config, force: bool = False) -> dict:
     trainable = Trainable(policy.params, LoraConfig.from_train(train), mesh, config.seed)
     # The KL reference is the starting policy, frozen: with LoRA that is the base the adapters sit on.
     reference = shard_params(policy.params, mesh) if trainable.lora is None else trainable.frozen
-    reference_logp = jax.jit(functools.partial(token_logprobs, cfg=policy.cfg, temperature=rl.temperature),
-                             in_shardings=(trainable.param_sharding, None, None))
+    reference_logp = compile_batch_logprobs(policy.cfg, trainable.param_sharding, mesh, temperature=rl.temperature,
+                                            compute_dtype=dtype)
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
-    state, sharding, start, _ = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh)
+    state, sharding, start, _ = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh,
+                                             train.shard_optimizer)
     if jax.process_index() == 0:
         print(f"rl: {trainable.describe()}", file=sys.stderr, flush=True)  # stdout: the summary JSON
-    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable)
-    sample = Rollouts(config, policy, mesh)
+    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable,
+                                 shard_optimizer=train.shard_optimizer)
+    rollout_mesh = mesh if rl.rollout_mesh is None else mesh_from(rl.rollout_mesh, "rl.rollout_mesh")
+    sample = Rollouts(config, policy, rollout_mesh)
     order = np.random.default_rng(config.seed).permutation(len(prompts))
     log = MetricsLog(out, start, enabled=jax.process_index() == 0)
     rollout_rows = read_jsonl(out / "rollouts.jsonl") if (out / "rollouts.jsonl").is_file() else []
@@ -166,9 +173,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
                                                          jnp.asarray(counted.reshape(-1, rl.group_size)))).reshape(-1)
         judged_s = time.perf_counter() - started - sampled_s
         local = training_batch(encoded, sampled.tokens, sampled.logprobs, advantages, pad_id, max_len, counted)
-        ref = np.asarray(reference_logp(reference, local["tokens"], local["positions"]))
-        local["ref_logp"] = np.concatenate([np.zeros((ref.shape[0], 1), np.float32), ref], axis=1)
         batch = device_batch(local, mesh, train.grad_accum)
+        batch["ref_logp"] = reference_logp(reference, batch)
         for update in range(rl.updates_per_rollout):
             state, metrics = step_fn(state, batch)
             metrics = as_host(metrics)

@@ -120,7 +120,8 @@ def run_sft(config: Config, force: bool = False) -> dict:
     loss_fn = make_loss(model.cfg, train)
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
     trainable = Trainable(model.params, LoraConfig.from_train(train), mesh, config.seed)
-    state, sharding, start, data_state = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh)
+    state, sharding, start, data_state = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh,
+                                                        train.shard_optimizer)
     del model.params  # the state (or, with LoRA, the frozen base) holds them now
     if jax.process_index() == 0:
         print(f"sft: {trainable.describe()}", file=sys.stderr, flush=True)  # stdout: the summary JSON
@@ -134,7 +135,8 @@ def run_sft(config: Config, force: bool = False) -> dict:
     if data_state is not None:
         data.set_state(data_state)
 
-    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable)
+    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable,
+                                 shard_optimizer=train.shard_optimizer)
     heldout = HeldoutLoss(source, heldout_idx, model.tokenizer, rows, config.sft.max_seq_len,
                           compile_eval_loss(loss_fn, trainable.param_sharding, mesh), mesh)
     log = MetricsLog(out, start, enabled=jax.process_index() == 0)

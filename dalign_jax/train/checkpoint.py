@@ -53,16 +53,17 @@ def _check_shapes(state, target, where: Path) -> None:
         raise UserError(f"{where}: checkpoint does not fit this model (a different model shape)")
 
 
-def restore_or_start(checkpoints: Checkpointer, params, optimizer, mesh):
+def restore_or_start(checkpoints: Checkpointer, params, optimizer, mesh, shard_optimizer: bool = False):
     """The train state from the latest checkpoint, or a new one from `params`: (state, its shardings,
-    the step it is at, the data iterator state saved with it or None)."""
+    the step it is at, the data iterator state saved with it or None). The layout need not be the one
+    the checkpoint was saved with: orbax restores into this one."""
     from dalign_jax.train.step import abstract_state, init_state
 
     start = checkpoints.latest_step() or 0
     if not start:
-        state, sharding = init_state(params, optimizer, mesh)
+        state, sharding = init_state(params, optimizer, mesh, shard_optimizer)
         return state, sharding, 0, None
-    target, sharding = abstract_state(params, optimizer, mesh)
+    target, sharding = abstract_state(params, optimizer, mesh, shard_optimizer)
     state, data_state, _ = checkpoints.restore(start, target)
     return state, sharding, start, data_state
 

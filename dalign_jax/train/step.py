@@ -79,18 +79,24 @@ def _accumulate(loss_fn, params, batch):
 
 
 def train_step(state: TrainState, frozen, batch, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, lora: LoraConfig | None = None):
+               schedule: optax.Schedule, lora: LoraConfig | None = None, update_mesh: Mesh | None = None):
     """One optimiser step over `batch` ([micro_batches, rows, ...] leaves). Returns the new state and
     float32 metrics: loss, grad_norm (before clipping), learning_rate, weight, and the aux metrics.
 
     With `lora`, `state.params` are adapters and the model is `frozen` (base weights) merged with them;
-    without, `frozen` is None and `state.params` is the model."""
+    without, `frozen` is None and `state.params` is the model. With `update_mesh`, the optimiser's
+    update runs split over that mesh's data axis as well (ZeRO-1, `shard_optimizer`): each data-parallel
+    replica reduces, clips and updates only its share, and the new parameters are gathered after."""
     model_loss = loss_fn if lora is None else (lambda p, mb: loss_fn(merge(frozen, p, lora), mb))
     grads, loss_sum, weight, aux = _accumulate(model_loss, state.params, batch)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = state.params
+    if update_mesh is not None:
+        split = param_shardings(params, update_mesh, split_over_data=True)
+        grads, params = (jax.lax.with_sharding_constraint(t, split) for t in (grads, params))
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": jnp.asarray(schedule(state.step), jnp.float32), "weight": weight}
     metrics.update({name: s / jnp.maximum(c, 1.0) for name, (s, c) in aux.items()})
@@ -119,13 +125,17 @@ def _per_batch_shape(build: Callable):
     return call
 
 
-def compile_train_step(loss_fn, optimizer, schedule, state_sharding, mesh: Mesh, trainable=None):
+def compile_train_step(loss_fn, optimizer, schedule, state_sharding, mesh: Mesh, trainable=None,
+                       shard_optimizer: bool = False):
     """`step(state, batch) -> (state, metrics)`, jitted with explicit shardings and the old state donated.
-    `trainable` (lora.Trainable) adds frozen base weights, passed to the step (not baked into it)."""
+    `trainable` (lora.Trainable) adds frozen base weights, passed to the step (not baked into it).
+    `shard_optimizer`: the update split over the data axis, as the state's layout must then be
+    (`init_state(..., shard_optimizer=True)`)."""
     lora = None if trainable is None else trainable.lora
     frozen = None if lora is None else trainable.frozen
     frozen_sharding = None if lora is None else trainable.param_sharding
-    fn = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, lora=lora)
+    fn = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, lora=lora,
+                           update_mesh=mesh if shard_optimizer else None)
     step = _per_batch_shape(lambda batch: jax.jit(
         fn, in_shardings=(state_sharding, frozen_sharding, batch_shardings(batch, mesh)),
         out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0))
@@ -140,22 +150,42 @@ def compile_eval_loss(loss_fn, param_sharding, mesh: Mesh):
         out_shardings=replicated(mesh)))
 
 
-def _state_layout(params, optimizer: optax.GradientTransformation, mesh: Mesh):
-    """The function that builds a fresh train state, the state's shapes, and its shardings on `mesh`."""
+def compile_batch_logprobs(cfg: ModelConfig, param_sharding, mesh: Mesh, *, temperature: float = 1.0,
+                           compute_dtype=jnp.float32):
+    """`logp(params, batch) -> [micro_batches, rows, time]`: each token's log-probability under `params`
+    (0 at position 0) for a device batch, computed where its rows lie and laid out like them, so it joins
+    the batch without a trip through the host. RL's reference log-probabilities."""
+    def fn(params, tokens, positions):
+        logp = jax.lax.map(lambda tp: token_logprobs(params, *tp, cfg=cfg, compute_dtype=compute_dtype,
+                                                     temperature=temperature), (tokens, positions))
+        return jnp.pad(logp, ((0, 0), (0, 0), (1, 0)))
+
+    rows = NamedSharding(mesh, P(None, BATCH_AXES, None))
+    compiled = jax.jit(fn, in_shardings=(param_sharding, rows, rows), out_shardings=rows)
+    return lambda params, batch: compiled(params, batch["tokens"], batch["positions"])
+
+
+def _state_layout(params, optimizer: optax.GradientTransformation, mesh: Mesh, shard_optimizer: bool):
+    """The function that builds a fresh train state, the state's shapes, and its shardings on `mesh`
+    (with `shard_optimizer`, the optimiser state's split over the data axis as well)."""
     build = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))  # noqa: E731
     shape = jax.eval_shape(build, params)
-    return build, shape, param_shardings(shape, mesh)
+    sharding = param_shardings(shape, mesh)
+    if shard_optimizer:
+        sharding = sharding._replace(opt_state=param_shardings(shape.opt_state, mesh, split_over_data=True))
+    return build, shape, sharding
 
 
-def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, object]:
+def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh,
+               shard_optimizer: bool = False) -> tuple[TrainState, object]:
     """The initial train state laid out on `mesh`, and its shardings."""
-    build, _, sharding = _state_layout(params, optimizer, mesh)
+    build, _, sharding = _state_layout(params, optimizer, mesh, shard_optimizer)
     return jax.jit(build, out_shardings=sharding)(params), sharding
 
 
-def abstract_state(params, optimizer: optax.GradientTransformation, mesh: Mesh):
+def abstract_state(params, optimizer: optax.GradientTransformation, mesh: Mesh, shard_optimizer: bool = False):
     """Shapes, dtypes and shardings of the train state, for restoring a checkpoint into."""
-    _, shape, sharding = _state_layout(params, optimizer, mesh)
+    _, shape, sharding = _state_layout(params, optimizer, mesh, shard_optimizer)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, sharding), sharding
 
 
