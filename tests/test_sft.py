@@ -250,3 +250,30 @@ def test_memory_and_precision_options_match_float32(tiny_chat_model, option, tol
     assert all(g.dtype == np.float32 for g in jax.tree.leaves(other_grads))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other_grads)):
         np.testing.assert_allclose(a, b, atol=tolerance * max(1.0, float(np.abs(a).max())) * 10)
+
+
+@pytest.mark.parametrize("saved_split, restored_split", [(False, True), (True, False)])
+def test_checkpoint_restores_into_either_optimiser_layout(tiny_chat_model, tmp_path, saved_split, restored_split):
+    """A run can switch `train.shard_optimizer` and resume: orbax restores into the new layout."""
+    from dalign_jax.train.checkpoint import Checkpointer, restore_or_start
+
+    model = load_model(str(tiny_chat_model))
+    local = _batch(model.tokenizer, conversations(8))
+    mesh = make_mesh(4, 2, 1)
+    train = Train(learning_rate=1e-3, warmup_steps=0)
+    optimizer = make_optimizer(train, 4)
+    checkpoints = Checkpointer(tmp_path / "ckpt", 2)
+    state, sharding, _, _ = restore_or_start(checkpoints, model.params, optimizer, mesh, saved_split)
+    step = compile_train_step(functools.partial(sft_loss, cfg=model.cfg), optimizer, learning_rate_schedule(train, 4),
+                              sharding, mesh, shard_optimizer=saved_split)
+    state, _ = step(state, device_batch(local, mesh, 1))
+    saved = jax.device_get(state)
+    checkpoints.save(1, state, {}, {})
+    restored, sharding, start, _ = restore_or_start(checkpoints, model.params, optimizer, mesh, restored_split)
+    checkpoints.close()
+    assert start == 1
+    moment = restored.opt_state.mu["layers"][0]["w_up"]
+    assert moment.sharding == sharding.opt_state.mu["layers"][0]["w_up"]
+    assert ("data" in jax.tree.leaves(tuple(moment.sharding.spec))) == restored_split
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(jax.device_get(restored))):
+        np.testing.assert_array_equal(a, b)
