@@ -144,6 +144,9 @@ class SFT:
     capability_ratio: float = 0.0  # share of training examples drawn from capability_data
     heldout_fraction: float = 0.1  # examples held out (by a hash of their id) for the eval loss
     max_seq_len: int = 512  # longer examples are cut at this length
+    # Rows of max_seq_len tokens holding as many whole examples as fit, each attending only to itself
+    # (grain's first-fit packer), instead of one example a row padded to a length bucket.
+    packing: bool = False
     batch_size: int = 4  # sequences per micro-batch (global, over all processes)
     steps: int = 0  # optimiser steps; 0: `epochs` passes over the training examples
     epochs: float = 1.0

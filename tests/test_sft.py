@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from dalign_jax.config import Train, load_config
-from dalign_jax.data.sft_data import ConversationSource, batches, split_indices, tokenize_conversation
+from dalign_jax.data.sft_data import ConversationSource, batches, count_batches, split_indices, tokenize_conversation
 from dalign_jax.errors import UserError
 from dalign_jax.model.hf_io import load_hf_dir
 from dalign_jax.model.loader import load_model
@@ -87,6 +87,66 @@ def test_pipeline_is_seeded_resumable_and_split_over_processes(sft_data, tiny_ch
     for i, batch in enumerate(one):
         joined = np.concatenate([halves[0][i]["tokens"], halves[1][i]["tokens"]])
         assert sorted(map(bytes, joined)) == sorted(map(bytes, batch["tokens"]))
+
+
+def test_packed_pipeline_holds_every_example_once_and_resumes(sft_data, tiny_chat_model):
+    tokenizer = load_model(str(tiny_chat_model)).tokenizer
+    source = ConversationSource(sft_data)
+    train, _ = split_indices(source, 0.1)
+    lengths = {i: len(tokenize_conversation(tokenizer, source[i]["messages"], 512)["tokens"]) for i in train}
+    make = functools.partial(batches, source, train, tokenizer, global_batch=4, max_len=512, seed=0,
+                             num_batches=None, packing=True, num_examples=2 * len(train))
+    one = list(make())
+    assert count_batches(make()) == len(one)
+    segments = np.concatenate([b["segments"] for b in one])
+    # Two epochs of examples, each whole in one row, with positions counted from 0 in each.
+    packed = [(row, s) for row in range(len(segments)) for s in set(segments[row]) - {0}]
+    assert len(one) < 2 * len(train) / 4 and all(b["tokens"].shape == (4, 512) for b in one)
+    counted = {}
+    for b in one:
+        for tokens, positions, segs in zip(b["tokens"], b["positions"], b["segments"]):
+            for s in set(segs) - {0}:
+                where = segs == s
+                assert list(positions[where]) == list(range(where.sum()))
+                counted[bytes(tokens[where])] = counted.get(bytes(tokens[where]), 0) + 1
+            assert (positions[segs == 0] == -1).all()
+    assert len(packed) >= 2 * len(train) - 4  # the last, partial batch is dropped
+    assert sorted(map(len, counted)) == sorted(4 * lengths[i] for i in train)  # int32 bytes
+    assert set(counted.values()) <= {1, 2}
+    iterator = iter(make())
+    for _ in range(3):
+        next(iterator)
+    resumed = iter(make())
+    resumed.set_state(json.loads(json.dumps(iterator.get_state())))
+    assert all(np.array_equal(next(resumed)["tokens"], one[i]["tokens"]) for i in range(3, len(one)))
+    halves = [list(make(process_index=p, process_count=2)) for p in range(2)]
+    for i, batch in enumerate(one):
+        assert np.array_equal(np.concatenate([halves[0][i]["segments"], halves[1][i]["segments"]])[[0, 2, 1, 3]],
+                              batch["segments"])
+
+
+def test_packed_rows_equal_their_sequences_alone(tiny_chat_model):
+    """A packed row's loss and gradients are those of its sequences each in a row of its own."""
+    model = load_model(str(tiny_chat_model))
+    examples = [tokenize_conversation(model.tokenizer, c["messages"], 128) for c in conversations(3)]
+    alone = _batch(model.tokenizer, conversations(3), width=128)
+    width = sum(len(e["tokens"]) for e in examples) + 5
+    row = {"tokens": np.zeros((1, width), np.int32), "positions": np.full((1, width), -1, np.int32),
+           "loss_mask": np.zeros((1, width), np.int32), "segments": np.zeros((1, width), np.int32)}
+    at = 0
+    for s, e in enumerate(examples, 1):
+        n = len(e["tokens"])
+        row["tokens"][0, at:at + n], row["loss_mask"][0, at:at + n] = e["tokens"], e["loss_mask"]
+        row["positions"][0, at:at + n], row["segments"][0, at:at + n] = np.arange(n), s
+        at += n
+    loss = jax.jit(jax.value_and_grad(lambda p, b: sft_loss(p, b, cfg=model.cfg)[0]))
+    (packed_loss, packed_grads), (alone_loss, alone_grads) = loss(model.params, row), loss(model.params, alone)
+    assert float(sft_loss(model.params, row, cfg=model.cfg)[1]) == float(alone["loss_mask"][:, 1:].sum())
+    np.testing.assert_allclose(float(packed_loss), float(alone_loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(alone_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    del row["segments"]  # without them, the sequences would see each other
+    assert abs(float(loss(model.params, row)[0]) - float(alone_loss)) > 1e-3
 
 
 def test_bad_sft_data_names_the_line(tmp_path):
@@ -197,6 +257,19 @@ def test_sft_stage_learns_and_exports(tmp_path, tiny_chat_model, sft_data):
     assert run_sft(config) == summary  # complete: nothing to do
 
 
+def test_packed_sft_counts_its_steps_and_learns(tmp_path, tiny_chat_model, sft_data):
+    """With packing, `epochs` passes take as many steps as the packed stream holds batches: fewer
+    than padded rows would."""
+    config = load_config(sft_config(tmp_path, tiny_chat_model, sft_data, steps=0, epochs=3, packing=True,
+                                    max_seq_len=512))
+    summary = run_sft(config)
+    train, _ = split_indices(ConversationSource(sft_data), 0.1)
+    assert 0 < summary["steps"] < 3 * len(train) / 8
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    rows = [json.loads(x) for x in (config.run_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(summary["steps"] + 1))
+
+
 def test_nonfinite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_chat_model, sft_data):
     config = load_config(sft_config(tmp_path, tiny_chat_model, sft_data,
                                     train=dict(learning_rate=1e30, max_grad_norm=0.0, save_every=1)))
@@ -209,14 +282,16 @@ def _final_params(run_dir: Path):
     return jax.tree.leaves(load_hf_dir(run_dir / "sft" / "export")[2])
 
 
-def test_exact_resume_after_kill(tmp_path, tiny_chat_model, sft_data):
+@pytest.mark.parametrize("packing", [False, True])
+def test_exact_resume_after_kill(tmp_path, tiny_chat_model, sft_data, packing):
     """A run killed (SIGKILL) at a random step and rerun ends with bit-identical parameters."""
     command = lambda config: [sys.executable, "-m", "dalign_jax.cli", "sft", str(config)]  # noqa: E731
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    whole = sft_config(tmp_path / "whole", tiny_chat_model, sft_data, steps=16)
+    options = dict(steps=16, packing=True, max_seq_len=512) if packing else dict(steps=16)  # 512: rows of several
+    whole = sft_config(tmp_path / "whole", tiny_chat_model, sft_data, **options)
     subprocess.run(command(whole), check=True, env=env, capture_output=True)
 
-    killed = sft_config(tmp_path / "killed", tiny_chat_model, sft_data, steps=16)
+    killed = sft_config(tmp_path / "killed", tiny_chat_model, sft_data, **options)
     metrics = tmp_path / "killed" / "run" / "sft" / "metrics.jsonl"
     kill_at = random.Random().randint(3, 13)
     proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

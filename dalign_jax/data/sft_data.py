@@ -1,10 +1,12 @@
 """The SFT data pipeline: conversations (no spec in them) -> chat template -> tokens with the loss on
-the assistant's completion only -> batches padded to a few length buckets, streamed by grain.
+the assistant's completion only -> batches padded to a few length buckets, or packed several to a row,
+streamed by grain.
 
 Records are `{"id", "messages": [..., {"role": "assistant", ...}]}` in ArrayRecord (what the judge
-stage writes) or JSONL. The pipeline is a grain `MapDataset`, so a batch is a pure function of its
-index: the iterator's state (one integer) is saved with each checkpoint and a resumed run sees the
-same batches as an uninterrupted one. Each process reads its own slice of every global batch.
+stage writes) or JSONL. Padded, the pipeline is a grain `MapDataset`, so a batch is a pure function of
+its index; packed, it continues as a grain `IterDataset` through grain's first-fit packer. Either way
+the iterator's state is saved with each checkpoint and a resumed run sees the same batches as an
+uninterrupted one. Each process reads its own slice of every global batch.
 """
 from __future__ import annotations
 
@@ -99,6 +101,11 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> dict
     return {"tokens": np.asarray(ids[:max_len], np.int32), "loss_mask": mask[:max_len].astype(np.int32)}
 
 
+def count_batches(stream) -> int:
+    """How many batches a finite stream holds (a packed one's count is known only by packing it)."""
+    return sum(1 for _ in stream)
+
+
 def length_buckets(max_len: int) -> list[int]:
     buckets = [MIN_BUCKET]
     while buckets[-1] < max_len:
@@ -120,17 +127,37 @@ def collate(examples: Sequence[dict], buckets: Sequence[int], pad_id: int) -> di
     return batch
 
 
+def packed_row(example: dict, pad_id: int) -> dict[str, np.ndarray]:
+    """grain's packer output (features with `_segment_ids` and `_positions`; 0 on padding) -> our row:
+    tokens, positions (-1 on padding), loss_mask and segments (each sequence numbered from 1)."""
+    segments = example["tokens_segment_ids"].astype(np.int32)
+    real = segments > 0
+    return {"tokens": np.where(real, example["tokens"], pad_id).astype(np.int32),
+            "positions": np.where(real, example["tokens_positions"], -1).astype(np.int32),
+            "loss_mask": np.where(real, example["loss_mask"], 0).astype(np.int32), "segments": segments}
+
+
 def batches(source: ConversationSource, indices: Sequence[int], tokenizer, *, global_batch: int, max_len: int,
-            seed: int, num_batches: int, process_index: int = 0, process_count: int = 1,
-            capability: tuple[ConversationSource, float] | None = None) -> grain.MapDataset:
+            seed: int, num_batches: int | None, process_index: int = 0, process_count: int = 1,
+            capability: tuple[ConversationSource, float] | None = None, packing: bool = False,
+            num_examples: int | None = None) -> grain.MapDataset | grain.IterDataset:
     """`num_batches` batches of this process's rows of each global batch, shuffled afresh every epoch.
 
     `capability`: (source, ratio) mixes that share of plain helpful conversations into the stream.
+    `packing`: rows of `max_len` tokens, each holding as many whole examples as fit (grain's first-fit
+    packer over `global_batch` bins) instead of one example padded to a bucket; the stream then ends
+    after `num_examples` examples (None: it does not end, and the caller takes what it needs), and
+    `num_batches` is not used. `count_batches` says how many batches such a stream holds.
     """
     if global_batch % process_count:
         raise UserError(f"sft.batch_size x train.grad_accum = {global_batch} must divide over {process_count} processes")
-    needed = num_batches * global_batch
     ratio = capability[1] if capability else 0.0
+    if packing:
+        # Enough passes for any plan: an example holds at least a few template tokens, so no batch
+        # takes more than global_batch * max_len / 4 of them (the repeat is lazy).
+        needed = num_examples if num_examples is not None else (num_batches or 1) * global_batch * max_len // 4
+    else:
+        needed = num_batches * global_batch
     main_rows = int(np.ceil(needed * (1 - ratio))) + global_batch
     epochs = -(-main_rows // len(indices))
     ds = grain.MapDataset.source(list(indices)).seed(seed).shuffle().repeat(epochs).map(lambda i: source[i])
@@ -143,6 +170,16 @@ def batches(source: ConversationSource, indices: Sequence[int], tokenizer, *, gl
     # Every process collates the whole global batch (so all agree on its padded width) and keeps
     # every `process_count`-th row from its own index.
     rows = slice(process_index, None, process_count)
+    if packing:
+        if num_examples is not None:
+            ds = ds.slice(slice(0, num_examples))
+        packed = grain.experimental.FirstFitPackIterDataset(
+            ds.map(lambda r: tokenize_conversation(tokenizer, r["messages"], max_len)).to_iter_dataset(),
+            length_struct={"tokens": max_len, "loss_mask": max_len}, num_packing_bins=global_batch,
+            shuffle_bins=False)
+        return (packed.map(lambda e: packed_row(e, pad_id))
+                .batch(global_batch, drop_remainder=True)
+                .map(lambda b: {k: v[rows] for k, v in b.items()}))
     return (ds.slice(slice(0, needed))
             .map(lambda r: tokenize_conversation(tokenizer, r["messages"], max_len))
             .batch(global_batch, drop_remainder=True, batch_fn=lambda xs: collate(xs, buckets, pad_id))

@@ -225,6 +225,7 @@ def forward(
     last_only: bool = False,
     fresh_cache: bool = False,
     remat: bool = False,
+    segments: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [batch, time, vocab] (float32) for `tokens`, and the cache with them written in.
 
@@ -237,6 +238,8 @@ def forward(
     prefill attend causally in chunks instead of to every slot.
     `remat` recomputes each layer in the backward pass instead of keeping its activations (training).
     `dtype`: the compute dtype; None computes in the parameters' own (bfloat16 weights run in bfloat16).
+    `segments` ([batch, time] int32, without a cache): rows packed with several sequences, each
+    numbered and with positions counted from 0; a token sees only its own sequence.
     """
     chex.assert_rank([tokens, positions], 2)
     chex.assert_equal_shape([tokens, positions])
@@ -249,6 +252,11 @@ def forward(
     # [b, t, s] -> [b, 1, 1, t, s], broadcasting over KV heads and the query group.
     visible = lambda keys: attention_mask(positions, keys, cfg.sliding_window)[:, None, None]  # noqa: E731
     mask = visible(positions if cache is None or fresh_cache else key_positions)
+    if segments is not None:
+        if cache is not None:
+            raise ValueError("forward: packed segments are for passes without a cache")
+        chex.assert_equal_shape([tokens, segments])
+        mask = mask & (segments[:, :, None] == segments[:, None, :])[:, None, None]
     shared = cache is not None and cache.prefix_k is not None
     if shared:
         prefix_mask = visible(jnp.broadcast_to(cache.prefix_positions,

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dalign_jax.config import Config, Train
-from dalign_jax.data.sft_data import (ConversationSource, batches, collate, length_buckets, split_indices,
+from dalign_jax.data.sft_data import (ConversationSource, batches, collate, count_batches, length_buckets, split_indices,
                                       tokenize_conversation)
 from dalign_jax.errors import UserError
 from dalign_jax.parallel.mesh import batch_size_multiple
@@ -114,7 +114,24 @@ def run_sft(config: Config, force: bool = False) -> dict:
         return json.loads(summary_path.read_text())
 
     train = config.sft.train
-    steps = planned_steps(config, len(train_idx))
+    capability = ((ConversationSource(config.sft.capability_data), config.sft.capability_ratio)
+                  if config.sft.capability_data else None)
+    make_stream = functools.partial(
+        batches, source, train_idx, model.tokenizer, global_batch=rows * accum, max_len=config.sft.max_seq_len,
+        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        capability=capability, packing=config.sft.packing)
+    if config.sft.packing and not config.sft.steps:
+        # `epochs` passes over the examples (and the capability share beside them): how many packed
+        # batches that makes is known only by packing them.
+        examples = math.ceil(config.sft.epochs * len(train_idx) / (1 - (capability[1] if capability else 0.0)))
+        stream = make_stream(num_batches=None, num_examples=examples)
+        steps = count_batches(stream)
+        if not steps:
+            raise UserError(f"sft: {examples} examples fill fewer than one packed batch of {rows * accum} rows; "
+                            "raise sft.epochs or lower sft.batch_size")
+    else:
+        steps = planned_steps(config, len(train_idx))
+        stream = make_stream(num_batches=steps)
     optimizer = make_optimizer(train, steps)
     schedule = learning_rate_schedule(train, steps)
     loss_fn = make_loss(model.cfg, train)
@@ -126,11 +143,6 @@ def run_sft(config: Config, force: bool = False) -> dict:
     if jax.process_index() == 0:
         print(f"sft: {trainable.describe()}", file=sys.stderr, flush=True)  # stdout: the summary JSON
 
-    stream = batches(source, train_idx, model.tokenizer, global_batch=rows * accum, max_len=config.sft.max_seq_len,
-                     seed=config.seed, num_batches=steps, process_index=jax.process_index(),
-                     process_count=jax.process_count(),
-                     capability=((ConversationSource(config.sft.capability_data), config.sft.capability_ratio)
-                                 if config.sft.capability_data else None))
     data = iter(stream)
     if data_state is not None:
         data.set_state(data_state)

@@ -30,15 +30,15 @@ class TrainState(NamedTuple):
 
 
 def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False,
-                   temperature: float = 1.0):
+                   temperature: float = 1.0, segments=None):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [batch, time - 1], float32, under the
     distribution with the logits divided by `temperature` (RL scores what the sampler drew from).
 
     Master weights stay float32; with a lower compute dtype they are cast inside the step, so their
-    gradients come back in float32."""
+    gradients come back in float32. `segments`: rows packed with several sequences (see `forward`)."""
     if compute_dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-    logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat)
+    logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat, segments=segments)
     logits = logits[:, :-1]
     if temperature != 1.0:
         logits = logits / temperature
@@ -48,10 +48,15 @@ def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype
 
 
 def sft_loss(params, batch, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False):
-    """Summed negative log-likelihood of the completion tokens, and how many there are."""
+    """Summed negative log-likelihood of the completion tokens, and how many there are. In a packed
+    batch (`segments`) no token is a target of the one before it in another sequence."""
+    segments = batch.get("segments")
     logp = token_logprobs(params, batch["tokens"], batch["positions"], cfg=cfg, compute_dtype=compute_dtype,
-                          remat=remat)
-    mask = ((batch["loss_mask"][:, 1:] > 0) & (batch["positions"][:, 1:] >= 0)).astype(jnp.float32)
+                          remat=remat, segments=segments)
+    mask = (batch["loss_mask"][:, 1:] > 0) & (batch["positions"][:, 1:] >= 0)
+    if segments is not None:
+        mask &= segments[:, 1:] == segments[:, :-1]
+    mask = mask.astype(jnp.float32)
     return -(logp * mask).sum(), mask.sum(), {}
 
 
