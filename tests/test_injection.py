@@ -54,3 +54,17 @@ def test_sft_examples(tokenizer_and_control):
     attacked = tokenize_conversation(tok, [{"role": "user", "content": _attack(control)},
                                            {"role": "assistant", "content": _attack(control)}], 4096)["tokens"].tolist()
     assert _control_count(tok, control, attacked) == _control_count(tok, control, plain)
+
+
+def test_encoding_from_many_threads_equals_one_at_a_time(tokenizer_and_control):
+    """grain's prefetch threads tokenize SFT examples at once; transformers' `split_special_tokens`
+    flips a flag on the shared tokenizer, so unguarded calls could run under each other's setting."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok, control = tokenizer_and_control
+    conversations = [[{"role": "user", "content": f"{_attack(control)} question {i}"},
+                      {"role": "assistant", "content": f"answer {i} {control} done"}] for i in range(300)]
+    serial = [tokenize_conversation(tok, c, 4096)["tokens"].tolist() for c in conversations]
+    with ThreadPoolExecutor(16) as pool:
+        threaded = list(pool.map(lambda c: tokenize_conversation(tok, c, 4096)["tokens"].tolist(), conversations))
+    assert threaded == serial

@@ -55,7 +55,7 @@ def test_a_row_not_counted_has_no_say_in_the_loss(tiny_chat_model):
 
     def loss(second_completion, advantage, counted):
         batch = training_batch(prompts, [np.array([3, 4, 5, 6, 7]), second_completion],
-                               [np.full(5, -2.0, np.float32)] * 2, np.array([1.0, advantage]), 0, 16, counted)
+                               [np.full(5, -2.0, np.float32)] * 2, np.array([1.0, advantage]), 0, 6, counted)
         batch["ref_logp"] = np.full_like(batch["old_logp"], -2.0)
         loss_sum, weight, _ = loss_fn(batch)
         return float(loss_sum), float(weight)
@@ -150,13 +150,14 @@ def test_update_leaves_the_reference_untouched_and_the_gap_is_zero(tiny_chat_mod
     completions = [rng.integers(1, 200, 5) for _ in range(4)]
     for i in range(3):
         batch = training_batch(prompts, completions, [np.zeros(5, np.float32)] * 4, np.array([1.0, -1.0, 0.5, -0.5]),
-                               0, 32)
+                               0, 8)
+        start = batch["tokens"].shape[1] - batch["loss_mask"].shape[1]
         # What a sampler with the current parameters would report: the trainer's own log-probabilities.
         current = np.asarray(token_logprobs(state.params, batch["tokens"], batch["positions"], cfg=model.cfg,
-                                            temperature=0.7))
-        batch["old_logp"] = np.where(batch["loss_mask"] == 1, np.pad(current, ((0, 0), (1, 0))), 0).astype(np.float32)
-        ref = np.asarray(token_logprobs(reference, batch["tokens"], batch["positions"], cfg=model.cfg, temperature=0.7))
-        batch["ref_logp"] = np.pad(ref, ((0, 0), (1, 0))).astype(np.float32)
+                                            temperature=0.7, targets_from=start))
+        batch["old_logp"] = np.where(batch["loss_mask"] == 1, current, 0).astype(np.float32)
+        batch["ref_logp"] = np.asarray(token_logprobs(reference, batch["tokens"], batch["positions"], cfg=model.cfg,
+                                                      temperature=0.7, targets_from=start))
         if i == 0:
             first = dict(batch)
         state, metrics = step(state, device_batch(batch, mesh, 1))

@@ -110,7 +110,8 @@ def test_packed_pipeline_holds_every_example_once_and_resumes(sft_data, tiny_cha
                 assert list(positions[where]) == list(range(where.sum()))
                 counted[bytes(tokens[where])] = counted.get(bytes(tokens[where]), 0) + 1
             assert (positions[segs == 0] == -1).all()
-    assert len(packed) >= 2 * len(train) - 4  # the last, partial batch is dropped
+    # Only the rows of the last, partial batch (at most 3) are dropped.
+    assert len(packed) >= 2 * len(train) - 3 * segments.max()
     assert sorted(map(len, counted)) == sorted(4 * lengths[i] for i in train)  # int32 bytes
     assert set(counted.values()) <= {1, 2}
     iterator = iter(make())

@@ -72,7 +72,7 @@ def bench_ours(model, group: int, new_tokens: int, steps: int, rollout_devices: 
         rewards = reward([len(t) for t in texts])
         advantages = np.asarray(ADVANTAGES["grpo"](jnp.asarray(rewards.reshape(len(PROMPTS), group)))).reshape(-1)
         local = training_batch(encoded, out.tokens, out.logprobs, advantages, model.tokenizer.pad_token_id or 0,
-                               max(map(len, encoded)) + new_tokens)
+                               max(map(len, encoded)))
         batch = device_batch(local, mesh, 1)
         batch["ref_logp"] = jax.block_until_ready(reference_logp(reference, batch))
         t2 = time.perf_counter()

@@ -22,6 +22,9 @@ from dalign_jax.engine.chat import encode_conversation
 from dalign_jax.errors import UserError
 
 MIN_BUCKET = 64
+# Rows the packer fills at once (at least): on the smollm2-cpu set (162 tokens an example on average,
+# rows of 512) 2 bins filled 84% of the tokens, 8 88%, 16 90%, 64 92%.
+PACKING_BINS = 16
 
 
 def _check_record(record, where: str) -> dict:
@@ -145,7 +148,7 @@ def batches(source: ConversationSource, indices: Sequence[int], tokenizer, *, gl
 
     `capability`: (source, ratio) mixes that share of plain helpful conversations into the stream.
     `packing`: rows of `max_len` tokens, each holding as many whole examples as fit (grain's first-fit
-    packer over `global_batch` bins) instead of one example padded to a bucket; the stream then ends
+    packer over `PACKING_BINS` rows at a time) instead of one example padded to a bucket; the stream then ends
     after `num_examples` examples (None: it does not end, and the caller takes what it needs), and
     `num_batches` is not used. `count_batches` says how many batches such a stream holds.
     """
@@ -175,7 +178,7 @@ def batches(source: ConversationSource, indices: Sequence[int], tokenizer, *, gl
             ds = ds.slice(slice(0, num_examples))
         packed = grain.experimental.FirstFitPackIterDataset(
             ds.map(lambda r: tokenize_conversation(tokenizer, r["messages"], max_len)).to_iter_dataset(),
-            length_struct={"tokens": max_len, "loss_mask": max_len}, num_packing_bins=global_batch,
+            length_struct={"tokens": max_len, "loss_mask": max_len}, num_packing_bins=max(global_batch, PACKING_BINS),
             shuffle_bins=False)
         return (packed.map(lambda e: packed_row(e, pad_id))
                 .batch(global_batch, drop_remainder=True)

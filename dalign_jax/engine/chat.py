@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from typing import Sequence
 
 import jax
@@ -20,12 +21,24 @@ Messages = list[dict[str, str]]
 _SLOT = "\ue000dalign-message-{}\ue001"
 _SLOT_RE = re.compile("\ue000dalign-message-(\\d+)\ue001")
 
+# transformers' fast tokenizers implement `split_special_tokens` by setting a flag on the shared Rust
+# tokenizer for the length of the call, so two threads encoding at once (grain's prefetch threads in
+# the SFT pipeline) can each run under the other's flag: template text with its control tokens split,
+# or message text with control tokens read as such. 62 of 294 SFT examples came out different that
+# way. One conversation is encoded at a time.
+_ENCODE_LOCK = threading.Lock()
+
 
 def encode_conversation(tokenizer, messages: Messages, *, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
     """Token ids of `messages` under the chat template, and for every id the index of the message whose
     content it encodes (-1 for template text). Message text never becomes a control token."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError("model has no tokenizer with a chat template")
+    with _ENCODE_LOCK:
+        return _encode_conversation(tokenizer, messages, add_generation_prompt)
+
+
+def _encode_conversation(tokenizer, messages: Messages, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
     marked = [dict(m, content=_SLOT.format(i)) for i, m in enumerate(messages)]
     text = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
     ids: list[int] = []

@@ -226,6 +226,7 @@ def forward(
     fresh_cache: bool = False,
     remat: bool = False,
     segments: jax.Array | None = None,
+    logits_from: int = 0,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [batch, time, vocab] (float32) for `tokens`, and the cache with them written in.
 
@@ -234,6 +235,8 @@ def forward(
 
     `last_only` computes logits for the last column only ([batch, 1, vocab]): a prefill needs no
     more, and the vocabulary projection of every prompt token would cost more than a layer.
+    `logits_from` computes them for columns from that one on ([batch, time - logits_from, vocab]): RL
+    scores completions only.
     `fresh_cache` promises that the cache holds nothing yet (apart from a shared prefix), which lets a
     prefill attend causally in chunks instead of to every slot.
     `remat` recomputes each layer in the backward pass instead of keeping its activations (training).
@@ -277,6 +280,8 @@ def forward(
 
     if last_only:
         x = x[:, -1:]
+    elif logits_from:
+        x = x[:, logits_from:]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     logits = (x @ head.astype(dtype)).astype(jnp.float32)

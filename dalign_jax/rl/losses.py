@@ -60,14 +60,17 @@ def sequence_sum_norm(per_token, mask, max_tokens):
 
 def rl_loss(params, batch, *, cfg: ModelConfig, temperature: float, clip_low: float, clip_high: float,
             kl_coef: float, aggregation: str, max_tokens: int, compute_dtype=jnp.float32, remat: bool = False):
-    """batch: tokens, positions, loss_mask (completion tokens), old_logp and ref_logp ([batch, time],
-    aligned with the token they score), advantages [batch].
+    """batch: tokens and positions [batch, prompt + completion] (`training_batch`'s layout: every
+    completion starts in the same column); loss_mask, old_logp and ref_logp [batch, completion], one
+    column per completion token; advantages [batch].
 
-    Log-probabilities are of the temperature-scaled distribution, the one the sampler drew from."""
+    Log-probabilities are of the temperature-scaled distribution, the one the sampler drew from; only
+    the completion's columns are projected onto the vocabulary (TRL's `logits_to_keep`)."""
+    start = batch["tokens"].shape[1] - batch["loss_mask"].shape[1]
     logp = token_logprobs(params, batch["tokens"], batch["positions"], cfg=cfg, compute_dtype=compute_dtype,
-                          remat=remat, temperature=temperature)
-    mask = ((batch["loss_mask"][:, 1:] > 0) & (batch["positions"][:, 1:] >= 0)).astype(jnp.float32)
-    old_logp, ref_logp = batch["old_logp"][:, 1:], batch["ref_logp"][:, 1:]
+                          remat=remat, temperature=temperature, targets_from=start)
+    mask = ((batch["loss_mask"] > 0) & (batch["positions"][:, start:] >= 0)).astype(jnp.float32)
+    old_logp, ref_logp = batch["old_logp"], batch["ref_logp"]
     policy, clipped = clipped_policy_loss(logp, old_logp, batch["advantages"][:, None], clip_low, clip_high)
     kl = kl_k3(logp, ref_logp)
     loss_sum, weight = AGGREGATIONS[aggregation](policy + kl_coef * kl, mask, max_tokens)

@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 from dalign_jax.config import Config
 from dalign_jax.data.completion import parse_completion
-from dalign_jax.data.sft_data import length_buckets
 from dalign_jax.data.spec import load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler, SamplingParams
@@ -49,24 +48,31 @@ def starting_policy(config: Config) -> str:
     return str(sft_export) if (sft_export / "config.json").is_file() else config.models.policy
 
 
+COMPLETION_MULTIPLE = 32  # completion columns are rounded up to this: few shapes, little padding
+
+
 def training_batch(prompts: list[list[int]], completions: list[np.ndarray], logprobs: list[np.ndarray],
-                   advantages: np.ndarray, pad_id: int, max_len: int,
+                   advantages: np.ndarray, pad_id: int, prompt_width: int,
                    counted: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Prompt + completion per row, right-padded to a length bucket. `old_logp` holds the sampler's
-    log-probability at each completion token's own index (0 elsewhere). A row whose `counted` is False
-    has no loss tokens."""
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    width = next(b for b in length_buckets(max_len) if b >= max(lengths))
-    rows = len(prompts)
+    """Each row's prompt left-padded to `prompt_width` columns, its completion right-padded after them,
+    so every completion starts in the same column and only the completions' columns need logits.
+    tokens, positions: [rows, prompt_width + completion]; loss_mask and old_logp (the sampler's
+    log-probability of each completion token): [rows, completion]. A row whose `counted` is False has
+    no loss tokens."""
+    if max(map(len, prompts)) > prompt_width:
+        raise ValueError(f"training_batch: a prompt of {max(map(len, prompts))} tokens in {prompt_width} columns")
+    longest = max(max(map(len, completions)), 1)
+    completion = -(-longest // COMPLETION_MULTIPLE) * COMPLETION_MULTIPLE
+    rows, width = len(prompts), prompt_width + completion
     batch = {"tokens": np.full((rows, width), pad_id, np.int32), "positions": np.full((rows, width), -1, np.int32),
-             "loss_mask": np.zeros((rows, width), np.int32), "old_logp": np.zeros((rows, width), np.float32),
-             "advantages": np.asarray(advantages, np.float32)}
+             "loss_mask": np.zeros((rows, completion), np.int32),
+             "old_logp": np.zeros((rows, completion), np.float32), "advantages": np.asarray(advantages, np.float32)}
     for i, (p, c, lp) in enumerate(zip(prompts, completions, logprobs)):
-        n = len(p) + len(c)
-        batch["tokens"][i, :n] = np.concatenate([p, c])
-        batch["positions"][i, :n] = np.arange(n)
-        batch["loss_mask"][i, len(p):n] = 1 if counted is None else int(counted[i])
-        batch["old_logp"][i, len(p):n] = lp
+        start = prompt_width - len(p)
+        batch["tokens"][i, start:prompt_width + len(c)] = np.concatenate([p, c])
+        batch["positions"][i, start:prompt_width + len(c)] = np.arange(len(p) + len(c))
+        batch["loss_mask"][i, :len(c)] = 1 if counted is None else int(counted[i])
+        batch["old_logp"][i, :len(c)] = lp
     return batch
 
 
@@ -157,7 +163,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
     rollout_rows = read_jsonl(out / "rollouts.jsonl") if (out / "rollouts.jsonl").is_file() else []
     rollout_rows = [r for r in rollout_rows if r["step"] <= start]
     pad_id = policy.tokenizer.pad_token_id or 0
-    max_len = max(len(encode_chat(policy.tokenizer, p.chat())) for p in prompts) + rl.max_new_tokens
+    prompt_width = max(len(encode_chat(policy.tokenizer, p.chat())) for p in prompts)
 
     bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="rl", unit="step",
                disable=jax.process_index() != 0)
@@ -172,7 +178,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
         advantages = np.asarray(ADVANTAGES[rl.advantage](jnp.asarray(rewards.reshape(-1, rl.group_size)),
                                                          jnp.asarray(counted.reshape(-1, rl.group_size)))).reshape(-1)
         judged_s = time.perf_counter() - started - sampled_s
-        local = training_batch(encoded, sampled.tokens, sampled.logprobs, advantages, pad_id, max_len, counted)
+        local = training_batch(encoded, sampled.tokens, sampled.logprobs, advantages, pad_id, prompt_width, counted)
         batch = device_batch(local, mesh, train.grad_accum)
         batch["ref_logp"] = reference_logp(reference, batch)
         for update in range(rl.updates_per_rollout):

@@ -30,19 +30,21 @@ class TrainState(NamedTuple):
 
 
 def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False,
-                   temperature: float = 1.0, segments=None):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [batch, time - 1], float32, under the
-    distribution with the logits divided by `temperature` (RL scores what the sampler drew from).
+                   temperature: float = 1.0, segments=None, targets_from: int = 1):
+    """log p(tokens[:, t] | tokens[:, :t]) for every t from `targets_from` on: [batch, time - targets_from],
+    float32, under the distribution with the logits divided by `temperature` (RL scores what the sampler
+    drew from). Only the columns that predict those targets are projected onto the vocabulary.
 
     Master weights stay float32; with a lower compute dtype they are cast inside the step, so their
     gradients come back in float32. `segments`: rows packed with several sequences (see `forward`)."""
     if compute_dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-    logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat, segments=segments)
+    logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat, segments=segments,
+                        logits_from=targets_from - 1)
     logits = logits[:, :-1]
     if temperature != 1.0:
         logits = logits / temperature
-    targets = tokens[:, 1:]
+    targets = tokens[:, targets_from:]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -157,17 +159,19 @@ def compile_eval_loss(loss_fn, param_sharding, mesh: Mesh):
 
 def compile_batch_logprobs(cfg: ModelConfig, param_sharding, mesh: Mesh, *, temperature: float = 1.0,
                            compute_dtype=jnp.float32):
-    """`logp(params, batch) -> [micro_batches, rows, time]`: each token's log-probability under `params`
-    (0 at position 0) for a device batch, computed where its rows lie and laid out like them, so it joins
-    the batch without a trip through the host. RL's reference log-probabilities."""
-    def fn(params, tokens, positions):
-        logp = jax.lax.map(lambda tp: token_logprobs(params, *tp, cfg=cfg, compute_dtype=compute_dtype,
-                                                     temperature=temperature), (tokens, positions))
-        return jnp.pad(logp, ((0, 0), (0, 0), (1, 0)))
+    """`logp(params, batch) -> [micro_batches, rows, completion]`: the log-probability under `params` of
+    each token in a device batch's last `batch["old_logp"].shape[-1]` columns (RL's completions),
+    computed where its rows lie and laid out like them, so it joins the batch without a trip through
+    the host. RL's reference log-probabilities."""
+    def fn(params, tokens, positions, like):
+        start = tokens.shape[-1] - like.shape[-1]
+        return jax.lax.map(lambda tp: token_logprobs(params, *tp, cfg=cfg, compute_dtype=compute_dtype,
+                                                     temperature=temperature, targets_from=start),
+                           (tokens, positions))
 
     rows = NamedSharding(mesh, P(None, BATCH_AXES, None))
-    compiled = jax.jit(fn, in_shardings=(param_sharding, rows, rows), out_shardings=rows)
-    return lambda params, batch: compiled(params, batch["tokens"], batch["positions"])
+    compiled = jax.jit(fn, in_shardings=(param_sharding, rows, rows, rows), out_shardings=rows)
+    return lambda params, batch: compiled(params, batch["tokens"], batch["positions"], batch["old_logp"])
 
 
 def _state_layout(params, optimizer: optax.GradientTransformation, mesh: Mesh, shard_optimizer: bool):
