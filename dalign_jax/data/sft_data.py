@@ -148,9 +148,9 @@ def batches(source: ConversationSource, indices: Sequence[int], tokenizer, *, gl
 
     `capability`: (source, ratio) mixes that share of plain helpful conversations into the stream.
     `packing`: rows of `max_len` tokens, each holding as many whole examples as fit (grain's first-fit
-    packer over `PACKING_BINS` rows at a time) instead of one example padded to a bucket; the stream then ends
-    after `num_examples` examples (None: it does not end, and the caller takes what it needs), and
-    `num_batches` is not used. `count_batches` says how many batches such a stream holds.
+    packer over `PACKING_BINS` rows at a time) instead of one example padded to a bucket; the stream
+    then ends after `num_examples` examples (None: it does not end, and the caller takes what it
+    needs), and `num_batches` is not used. `count_batches` says how many batches such a stream holds.
     """
     if global_batch % process_count:
         raise UserError(f"sft.batch_size x train.grad_accum = {global_batch} must divide over {process_count} processes")

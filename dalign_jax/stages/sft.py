@@ -20,8 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dalign_jax.config import Config, Train
-from dalign_jax.data.sft_data import (ConversationSource, batches, collate, count_batches, length_buckets, split_indices,
-                                      tokenize_conversation)
+from dalign_jax.data.sft_data import (ConversationSource, batches, collate, count_batches, length_buckets,
+                                      split_indices, tokenize_conversation)
 from dalign_jax.errors import UserError
 from dalign_jax.parallel.mesh import batch_size_multiple
 from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, open_mesh, section,
