@@ -65,8 +65,7 @@ def bench_ours(model, group: int, new_tokens: int, steps: int, rollout_devices: 
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        params = jax.device_put(state.params, param_shardings(state.params, rollout_mesh))
-        out = sampler.generate(params, encoded, new_tokens, jax.random.key(i), SamplingParams(temperature=1.0))
+        out = sampler.generate(state.params, encoded, new_tokens, jax.random.key(i), SamplingParams(temperature=1.0))
         t1 = time.perf_counter()
         texts = [model.tokenizer.decode(t) for t in out.content()]
         rewards = reward([len(t) for t in texts])

@@ -286,7 +286,9 @@ class Sampler:
     ) -> SampleOutput:
         """Sample up to `max_new_tokens` (one value, or one per row) after each prompt.
 
-        `stop_tokens` is one list for every row, or one list per row.
+        `stop_tokens` is one list for every row, or one list per row. `params` may lie on another mesh
+        (RL's training mesh beside `rl.rollout_mesh`): they are copied onto this sampler's first, which
+        moves nothing where they already lie as it lays them out.
         """
         n = len(prompts)
         if n == 0:
@@ -298,6 +300,7 @@ class Sampler:
             [list(stop_tokens)] * n
         if len(per_row_stops) != n:
             raise UserError(f"sampler: {len(per_row_stops)} stop lists for {n} prompts")
+        params = jax.device_put(params, mesh_lib.param_shardings(params, self.mesh))
         prefix, shared, own = self.prefixes.split(params, prompts)
         prompt_len = bucket(max(len(p) for p in own), self.prompt_buckets, "prompt length")
         new_slots = bucket(int(limits.max()), self.new_token_buckets, "max_new_tokens")

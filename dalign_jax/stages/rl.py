@@ -27,7 +27,7 @@ from dalign_jax.data.spec import load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler, SamplingParams
 from dalign_jax.errors import UserError
-from dalign_jax.parallel.mesh import batch_size_multiple, param_shardings, shard_params
+from dalign_jax.parallel.mesh import batch_size_multiple, shard_params
 from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
@@ -98,11 +98,8 @@ class Rollouts:
         # Prompts carry no shared spec here, and the parameters change every step: no prefix cache.
         self.sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0, prefix_min_tokens=0)
         self.stops = stop_token_ids(model)
-        self.mesh = mesh
 
     def __call__(self, params, prompts, key):
-        # On the training mesh this moves nothing; on another, it copies this step's weights there.
-        params = jax.device_put(params, param_shardings(params, self.mesh))
         encoded = [encode_chat(self.model.tokenizer, p.chat()) for p in prompts for _ in range(self.group)]
         out = self.sampler.generate(params, encoded, self.max_new, key, self.sampling, stop_tokens=self.stops)
         rollouts = []
