@@ -190,13 +190,14 @@ def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> tup
 
 
 def _generate(params, tokens, positions, source, max_new, stop, key, prefix, *, cfg: ModelConfig,
-              sampling: SamplingParams, new_slots: int, pad_id: int, on_trace):
+              sampling: SamplingParams, new_slots: int, pad_id: int, batch_shards: int, on_trace):
     """`tokens`, `positions`: the distinct prompts. `source` [rows] (or None: one row per prompt) says
     which prompt each sampled row continues: the k samples of a prompt share its prefill."""
     on_trace()  # runs once per compilation, never at run time
     prompt_len = tokens.shape[1]
     cache = KVCache.empty(cfg, tokens.shape[0], prompt_len + new_slots, dtype=params["embed"].dtype, prefix=prefix)
-    logits, cache = forward(params, tokens, positions, cache, cfg=cfg, last_only=True, fresh_cache=True)
+    logits, cache = forward(params, tokens, positions, cache, cfg=cfg, last_only=True, fresh_cache=True,
+                            batch_shards=batch_shards)
     if source is not None:
         take = lambda x: jnp.take(x, source, axis=0)  # noqa: E731
         cache = cache._replace(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)),
@@ -268,7 +269,8 @@ class Sampler:
             batch = lambda rank: mesh_lib.batch_sharding(self.mesh, rank)  # noqa: E731
             self._compiled[key] = jax.jit(
                 functools.partial(_generate, cfg=self.cfg, sampling=sampling, new_slots=new_slots,
-                                  pad_id=self.pad_id, on_trace=self._count_trace),
+                                  pad_id=self.pad_id, batch_shards=mesh_lib.batch_size_multiple(self.mesh),
+                                  on_trace=self._count_trace),
                 in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2), batch(1), batch(1),
                               batch(2), mesh_lib.replicated(self.mesh), mesh_lib.replicated(self.mesh)),
                 out_shardings=(batch(2), batch(2), batch(1), batch(1)),

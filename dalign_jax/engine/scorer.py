@@ -43,12 +43,13 @@ SCORE_BUCKETS = tuple(b for b in PROMPT_BUCKETS if b < 1024) + tuple(
     n for octave in range(10, 15) for n in range(1 << octave, 2 << octave, 1 << (octave - 4))) + (PROMPT_BUCKETS[-1],)
 
 
-def _score(params, tokens, positions, score_ids, prefix, *, cfg, on_trace):
+def _score(params, tokens, positions, score_ids, prefix, *, cfg, batch_shards, on_trace):
     on_trace()
     cache = None  # without a shared prefix nothing is attended but the inputs, so no cache is written
     if prefix is not None:
         cache = KVCache.empty(cfg, tokens.shape[0], tokens.shape[1], dtype=params["embed"].dtype, prefix=prefix)
-    logits, _ = forward(params, tokens, positions, cache, cfg=cfg, last_only=True, fresh_cache=True)
+    logits, _ = forward(params, tokens, positions, cache, cfg=cfg, last_only=True, fresh_cache=True,
+                        batch_shards=batch_shards)
     logp = jax.nn.log_softmax(logits[:, -1], axis=-1)
     score_logp = logp[:, score_ids]
     probs = jax.nn.softmax(score_logp, axis=-1)
@@ -78,7 +79,8 @@ class Scorer:
         if self._fn is None:
             batch = lambda rank: mesh_lib.batch_sharding(self.mesh, rank)  # noqa: E731
             self._fn = jax.jit(
-                functools.partial(_score, cfg=self.cfg, on_trace=self._count_trace),
+                functools.partial(_score, cfg=self.cfg, batch_shards=mesh_lib.batch_size_multiple(self.mesh),
+                                  on_trace=self._count_trace),
                 in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2),
                               mesh_lib.replicated(self.mesh), mesh_lib.replicated(self.mesh)),
                 out_shardings=(batch(1), batch(1)),
