@@ -66,11 +66,18 @@ def test_row_by_row_prefill_matches_one_tile_and_transformers(model, family, tin
     from dalign_jax.model.transformer import forward
 
     tokens, mask, positions = padded_batch(model.cfg.vocab_size, [150, 7, 90, 150], seed=5)
-    run = lambda: np.asarray(jax.jit(forward, static_argnames=("cfg",))(  # noqa: E731
-        model.params, tokens, positions, cfg=model.cfg)[0])
-    whole = run()
+
+    def run(shards):  # a new function each time, so that no compiled program is reused
+        fn = lambda p, t, q: forward(p, t, q, cfg=model.cfg, batch_shards=shards)[0]  # noqa: E731
+        mapped = "scan" in str(jax.make_jaxpr(fn)(model.params, tokens, positions))
+        return np.asarray(jax.jit(fn)(model.params, tokens, positions)), mapped
+
+    whole, mapped = run(1)
+    assert not mapped
     row_by_row(monkeypatch)
-    rows = run()
+    rows, mapped = run(1)
+    assert mapped
+    assert not run(None)[1]  # not told the batch's layout (training): one tile
     real = mask.astype(bool)
     assert np.abs(rows[real] - whole[real]).max() <= 1e-5
     assert np.abs(rows[real] - hf_logits(tiny_models[family][1], tokens, mask)[real]).max() <= 1e-4

@@ -253,3 +253,21 @@ def test_eval_does_not_reuse_a_set_made_by_another_checkpoint(mini_run, tmp_path
     made.write_text("".join(json.dumps(dict(r, model_id="another@000000000000")) + "\n" for r in rows))
     assert run_eval(config) == first
     assert [json.loads(x)["model_id"] for x in made.read_text().splitlines()] == [r["model_id"] for r in rows]
+
+
+def test_checkpoints_given_as_paths_get_distinct_names(mini_run, tmp_path):
+    from dalign_jax.stages.eval import eval_targets
+
+    for stage in ("sft", "rl"):
+        (tmp_path / "other" / stage / "export").mkdir(parents=True)
+    (tmp_path / "sft").mkdir()
+    sft, rl = tmp_path / "other" / "sft" / "export", tmp_path / "other" / "rl" / "export"
+    targets = lambda names: eval_targets(load_config(mini_run, [f"eval.checkpoints=[{', '.join(names)}]"]))  # noqa: E731
+    # Two exports of one run: both directories are named "export", and one set of files must not
+    # stand for both.
+    named = targets(["base", str(sft), str(rl)])
+    assert named == {"base": named["base"], "sft-export": str(sft), "rl-export": str(rl)}
+    assert targets([str(sft)]) == {"export": str(sft)}
+    assert targets([str(tmp_path / "sft")]) == {f"{tmp_path.name}-sft": str(tmp_path / "sft")}  # not the stage's name
+    with pytest.raises(UserError, match="listed twice"):
+        targets([str(sft), str(sft) + "/"])

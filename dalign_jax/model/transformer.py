@@ -158,20 +158,21 @@ def _attend_fused(q, blocks):
 # bound by memory traffic once the tile outgrows the caches. SmolLM2-135M on 2 CPU devices: a judge
 # batch of 16 rows of 256 tokens behind a 1,021-token spec scored in 4.2 s instead of 7.7; 8 rows of
 # 1,150 tokens without a prefix, 7.1 s instead of 7.5. Training tiles (4 x 256 tokens: 1.2M
-# elements) stay whole: there the map's backward pass cost more than it saved.
+# elements) stay whole: there the map's backward pass cost more than it saved, so only the sampler
+# and the scorer, which know their mesh, ask for it (`forward(batch_shards=...)`).
 ROW_TILE_ELEMENTS = 1 << 22
 
 
-def _attend_causal(q, k, v, mask, prefix_blocks, batch_shards: int = 1):
+def _attend_causal(q, k, v, mask, prefix_blocks, batch_shards: int | None = None):
     """Attention of new tokens to themselves (slot order is time order) and to shared prefix blocks,
     in query chunks that skip the keys after each chunk's end. `batch_shards`: how many pieces the
-    mesh splits the batch axis into, so that a row-by-row pass stays on each shard's own rows."""
+    mesh splits the batch axis into, so that a row-by-row pass stays on each shard's own rows; None
+    (not said) keeps the rows in one tile."""
     b, kvh, group, t, _ = q.shape
-    keys = t + sum(pk.shape[-2] for pk, _, _ in prefix_blocks)
-    rows_per_shard = b // batch_shards if b % batch_shards == 0 else b
-    chunk = min(ATTENTION_CHUNK, t)
-    if rows_per_shard > 1 and rows_per_shard * kvh * group * chunk * keys > ROW_TILE_ELEMENTS:
-        return _attend_by_row(q, k, v, mask, prefix_blocks, b // rows_per_shard)
+    if batch_shards and b % batch_shards == 0 and b > batch_shards:
+        keys = t + sum(pk.shape[-2] for pk, _, _ in prefix_blocks)
+        if b // batch_shards * kvh * group * min(ATTENTION_CHUNK, t) * keys > ROW_TILE_ELEMENTS:
+            return _attend_by_row(q, k, v, mask, prefix_blocks, batch_shards)
     return _attend_chunks(q, k, v, mask, prefix_blocks, ATTENTION_CHUNK * (2 if prefix_blocks else 1))
 
 
@@ -208,7 +209,7 @@ def _attend_by_row(q, k, v, mask, prefix_blocks, shards: int):
     return jnp.swapaxes(out, 0, 1).reshape((b,) + out.shape[2:])
 
 
-def _layer(cfg: ModelConfig, inv_freq, batch_shards: int, x, positions, lp, mask, cache_kv, prefix_kv, fresh):
+def _layer(cfg: ModelConfig, inv_freq, batch_shards: int | None, x, positions, lp, mask, cache_kv, prefix_kv, fresh):
     """One decoder block; returns the new residual stream and this layer's keys and values (the
     cache with the new tokens written in, or the new tokens' own when there is no cache).
 
@@ -268,7 +269,7 @@ def forward(
     remat: bool = False,
     segments: jax.Array | None = None,
     logits_from: int = 0,
-    batch_shards: int = 1,
+    batch_shards: int | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [batch, time, vocab] (float32) for `tokens`, and the cache with them written in.
 
@@ -285,8 +286,9 @@ def forward(
     `dtype`: the compute dtype; None computes in the parameters' own (bfloat16 weights run in bfloat16).
     `segments` ([batch, time] int32, without a cache): rows packed with several sequences, each
     numbered and with positions counted from 0; a token sees only its own sequence.
-    `batch_shards`: the pieces the mesh splits the batch into (data x fsdp); a large prefill attends
-    one row of each at a time, and must know them to stay on each device's own rows.
+    `batch_shards`: the pieces the mesh splits the batch into (data x fsdp). Given, a large prefill
+    attends one row of each at a time (it must know them to stay on each device's own rows); None
+    keeps the rows together, as training does (see ROW_TILE_ELEMENTS).
     """
     chex.assert_rank([tokens, positions], 2)
     chex.assert_equal_shape([tokens, positions])

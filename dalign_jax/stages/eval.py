@@ -36,7 +36,7 @@ def eval_targets(config: Config) -> dict[str, str]:
     """Checkpoint name -> model path, for the names that exist."""
     exports = {"base": config.models.policy, "sft": config.run_path / "sft" / "export",
                "rl": config.run_path / "rl" / "export"}
-    targets = {}
+    targets, paths = {}, []
     for name in config.eval.checkpoints:
         if name in exports:
             path = exports[name]
@@ -45,8 +45,24 @@ def eval_targets(config: Config) -> dict[str, str]:
         else:
             if not Path(name).exists():
                 raise UserError(f"eval.checkpoints: {name!r} is neither base/sft/rl nor an existing model path")
-            targets[Path(name).name] = name
+            paths.append(name)
+    targets.update(path_names(paths, set(exports)))
     return targets
+
+
+def path_names(paths: list[str], taken: set[str]) -> dict[str, str]:
+    """Names for checkpoints given as paths: each directory's own name, with as many parent directories
+    (joined by '-') as it takes for every name to differ from the others and from `taken`:
+    runs/a/sft/export and runs/a/rl/export are 'sft-export' and 'rl-export', never both 'export'."""
+    resolved = [Path(p).resolve() for p in paths]
+    for i, r in enumerate(resolved):
+        if r in resolved[:i]:
+            raise UserError(f"eval.checkpoints: {paths[i]!r} is listed twice")
+    for n in range(1, max((len(r.parts) for r in resolved), default=1) + 1):
+        names = ["-".join(r.parts[-n:]).lstrip("/") for r in resolved]
+        if len(set(names)) == len(names) and not taken & set(names):
+            return dict(zip(names, paths))
+    raise UserError(f"eval.checkpoints: no distinct names for {paths}")
 
 
 def eval_sets(config: Config, spec: Spec) -> dict[str, list[Prompt]]:
