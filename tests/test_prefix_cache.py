@@ -102,7 +102,7 @@ def test_row_by_row_prefill_stays_on_each_data_shard(model, monkeypatch):
     """Over a batch split 8 ways the row-by-row pass takes each device's own rows: no collective in
     the compiled scorer, and the same scores as one device. Told the batch is whole (batch_shards=1),
     the same pass gathers the batch on every device, which this test would see."""
-    from dalign_jax.engine import scorer as scorer_lib
+    from dalign_jax.engine.sampler import left_pad
     from dalign_jax.model.transformer import KVCache, forward
     from dalign_jax.parallel.mesh import batch_sharding, param_shardings, replicated, shard_params
 
@@ -118,7 +118,7 @@ def test_row_by_row_prefill_stays_on_each_data_shard(model, monkeypatch):
                                atol=1e-5)
 
     prefix, shared, own = sharded.prefixes.split(params, prompts)
-    tokens, positions = scorer_lib.left_pad(own, 16, 16, 0, offset=shared)
+    tokens, positions = left_pad(own, 16, 16, 0, offset=shared)
 
     def hlo(batch_shards):
         def run(p, t, q, pre):
