@@ -163,15 +163,15 @@ def compile_batch_logprobs(cfg: ModelConfig, param_sharding, mesh: Mesh, *, temp
     each token in a device batch's last `batch["old_logp"].shape[-1]` columns (RL's completions),
     computed where its rows lie and laid out like them, so it joins the batch without a trip through
     the host. RL's reference log-probabilities."""
-    def fn(params, tokens, positions, like):
-        start = tokens.shape[-1] - like.shape[-1]
+    def fn(params, tokens, positions, completion: int):
         return jax.lax.map(lambda tp: token_logprobs(params, *tp, cfg=cfg, compute_dtype=compute_dtype,
-                                                     temperature=temperature, targets_from=start),
+                                                     temperature=temperature,
+                                                     targets_from=tokens.shape[-1] - completion),
                            (tokens, positions))
 
     rows = NamedSharding(mesh, P(None, BATCH_AXES, None))
-    compiled = jax.jit(fn, in_shardings=(param_sharding, rows, rows, rows), out_shardings=rows)
-    return lambda params, batch: compiled(params, batch["tokens"], batch["positions"], batch["old_logp"])
+    compiled = jax.jit(fn, in_shardings=(param_sharding, rows, rows), out_shardings=rows, static_argnums=3)
+    return lambda params, batch: compiled(params, batch["tokens"], batch["positions"], batch["old_logp"].shape[-1])
 
 
 def _state_layout(params, optimizer: optax.GradientTransformation, mesh: Mesh, shard_optimizer: bool):
