@@ -28,6 +28,16 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(TINY, sliding_window=5)),
     "qwen2": ("Qwen2Config", dict(TINY, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(TINY, head_dim=32)),
+    "gemma": ("GemmaConfig", dict(TINY, head_dim=16, hidden_act="gelu_pytorch_tanh")),
+    # Soft caps small enough to bite on a random model's scores and logits; a window of 5 on the
+    # first layer only; a query scale other than 1 / sqrt(head_dim).
+    "gemma2": ("Gemma2Config", dict(TINY, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=0.05, final_logit_softcapping=0.5,
+                                    layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("Gemma3TextConfig", dict(TINY, head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
+                                        layer_types=["full_attention", "sliding_attention"],
+                                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
 }
 
 

@@ -68,3 +68,28 @@ def test_encoding_from_many_threads_equals_one_at_a_time(tokenizer_and_control):
     with ThreadPoolExecutor(16) as pool:
         threaded = list(pool.map(lambda c: tokenize_conversation(tok, c, 4096)["tokens"].tolist(), conversations))
     assert threaded == serial
+
+
+# Gemma 1 and 2's templates have no system role and raise on one.
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}[end]\n{% endfor %}"
+    "{% if add_generation_prompt %}[model]\n{% endif %}")
+
+
+def test_system_turn_opens_the_user_turn_where_the_template_has_no_system_role(tiny_chat_model):
+    from jinja2 import TemplateError
+
+    from dalign_jax.engine.chat import encode_conversation
+
+    tok = load_model(str(tiny_chat_model)).tokenizer
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    messages = [{"role": "system", "content": "THE SPEC </s>"}, {"role": "user", "content": "hello"}]
+    ids, owner = encode_conversation(tok, messages, add_generation_prompt=True)
+    assert tok.decode(ids) == "[user]\nTHE SPEC </s>\n\nhello[end]\n[model]\n"
+    assert tok.decode([i for i, o in zip(ids, owner) if o == 0]) == "THE SPEC </s>"  # still plain text
+    assert tok.decode([i for i, o in zip(ids, owner) if o == 1]) == "hello"
+    assert _control_count(tok, "</s>", ids) == 0
+    tok.chat_template = "{{ raise_exception('broken template') }}"  # other template errors are not hidden
+    with pytest.raises(TemplateError, match="broken template"):
+        encode_conversation(tok, messages, add_generation_prompt=True)

@@ -32,9 +32,17 @@ def test_family_features_are_read_from_config(tiny_models):
     assert cfgs["mistral"].sliding_window == 5 and cfgs["llama2"].sliding_window is None
     assert cfgs["qwen2"].qkv_bias and not cfgs["qwen3"].qkv_bias
     assert cfgs["qwen3"].qk_norm and cfgs["qwen3"].head_dim == 32
+    gemma, gemma2, gemma3 = cfgs["gemma"], cfgs["gemma2"], cfgs["gemma3"]
+    assert gemma.norm_offset and gemma.embed_scale and gemma.activation == "gelu_tanh" and not gemma.post_norms
+    assert not cfgs["llama2"].norm_offset and cfgs["llama2"].activation == "silu"
+    assert gemma2.post_norms and (gemma2.attn_softcap, gemma2.final_softcap) == (0.05, 0.5)
+    assert gemma2.sliding_layers == (True, False) and gemma2.query_scale == 24 ** -0.5
+    assert gemma3.qk_norm and gemma3.sliding_layers == (False, True)
+    assert (gemma3.rope.theta, gemma3.local_rope.theta) == (1e6, 100.0)
+    assert gemma3.layer_rope(1) == gemma3.local_rope and gemma3.layer_window(0) is None
 
 
-@pytest.mark.parametrize("family", ["llama3", "smollm2", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama3", "smollm2", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_export_reimport_is_bit_identical_and_transformers_agrees(tiny_models, family, tmp_path):
     import torch
     import transformers

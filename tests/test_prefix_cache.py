@@ -12,7 +12,8 @@ PREFIX = list(np.random.default_rng(0).integers(1, 250, 40))
 SUFFIXES = [[7, 8, 9], [100, 3, 3, 3, 3, 3, 5], [42], [17, 2]]
 
 
-@pytest.fixture(scope="module", params=["llama2", "mistral"])  # mistral: the sliding window crosses the prefix
+# mistral: the sliding window crosses the prefix; gemma2: on one layer of two, with soft-capped scores
+@pytest.fixture(scope="module", params=["llama2", "mistral", "gemma2"])
 def family(request):
     return request.param
 

@@ -43,6 +43,18 @@ def test_greedy_matches_uncached_reference_for_prompts_of_different_lengths(mode
     assert out.lengths.tolist() == [10, 10, 10] and not out.stopped.any()
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_greedy_matches_uncached_reference_for_gemma(tiny_models, family):
+    """The cache with per-layer windows (and Gemma 3's RoPE per layer type) decodes as full passes do."""
+    gemma = load_model(str(tiny_models[family][0]))
+    out = Sampler(gemma.cfg, make_mesh(devices=jax.devices()[:1])).generate(
+        gemma.params, PROMPTS, 10, jax.random.key(0), GREEDY)
+    for prompt, tokens, logps in zip(PROMPTS, out.tokens, out.logprobs):
+        ref_tokens, ref_logps = reference_greedy(gemma, prompt, 10)
+        assert tokens.tolist() == ref_tokens
+        np.testing.assert_allclose(logps, ref_logps, atol=1e-4)
+
+
 def test_per_row_stop_tokens_and_length_limits(model, sampler):
     free = sampler.generate(model.params, PROMPTS, 10, jax.random.key(0), GREEDY)
     stop_row0 = int(free.tokens[0][3])

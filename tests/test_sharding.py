@@ -47,6 +47,16 @@ def test_sharded_logits_and_greedy_tokens_match_one_device(model, layout):
     assert [t.tolist() for t in out.tokens] == [t.tolist() for t in ref.tokens]
 
 
+def test_gemma3_sharded_over_fsdp_and_tensor_matches_one_device(tiny_models):
+    """Gemma's extra norms (post-block, q/k) and per-layer windows and RoPE under a 2x2x2 mesh."""
+    gemma = load_model(str(tiny_models["gemma3"][0]))
+    tokens, mask, positions = padded_batch(gemma.cfg.vocab_size, [12, 5, 9, 3, 12, 7, 1, 10], seed=4)
+    real = mask.astype(bool)
+    one, mesh = make_mesh(devices=jax.devices()[:1]), make_mesh(2, 2, 2)
+    diff = np.abs(sharded_logits(gemma, mesh, tokens, positions) - sharded_logits(gemma, one, tokens, positions))
+    assert diff[real].max() <= 1e-5
+
+
 def test_mesh_that_does_not_fit_the_devices_is_an_error():
     with pytest.raises(UserError, match="8 devices"):
         make_mesh(3, 1, 1)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import threading
 from typing import Sequence
 
 import jax
+import jinja2
 
 from dalign_jax.engine.sampler import GREEDY, Sampler, SamplingParams
 from dalign_jax.errors import UserError
@@ -38,9 +40,26 @@ def encode_conversation(tokenizer, messages: Messages, *, add_generation_prompt:
         return _encode_conversation(tokenizer, messages, add_generation_prompt)
 
 
-def _encode_conversation(tokenizer, messages: Messages, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+def _marked(messages: Messages, fold_system: bool) -> Messages:
+    """`messages` with each content swapped for its slot marker. `fold_system`: a leading system turn
+    goes into the first user turn instead, ahead of its text, as Gemma 3's own template does."""
     marked = [dict(m, content=_SLOT.format(i)) for i, m in enumerate(messages)]
-    text = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    if fold_system and len(marked) > 1 and marked[0]["role"] == "system" and marked[1]["role"] == "user":
+        marked = [dict(marked[1], content=marked[0]["content"] + "\n\n" + marked[1]["content"])] + marked[2:]
+    return marked
+
+
+def _encode_conversation(tokenizer, messages: Messages, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+    render = functools.partial(tokenizer.apply_chat_template, add_generation_prompt=add_generation_prompt,
+                               tokenize=False)
+    try:
+        text = render(_marked(messages, fold_system=False))
+    except jinja2.TemplateError:
+        # Templates without a system role (Gemma 1 and 2) raise on one; the spec, which distill and
+        # judge put in the system turn, then opens the user's turn. Other errors are raised again.
+        if not messages or messages[0]["role"] != "system":
+            raise
+        text = render(_marked(messages, fold_system=True))
     ids: list[int] = []
     owner: list[int] = []
     start = 0

@@ -19,7 +19,14 @@ SUPPORTED_FAMILIES = {
     "mistral": ("MistralForCausalLM", False, False),
     "qwen2": ("Qwen2ForCausalLM", True, False),
     "qwen3": ("Qwen3ForCausalLM", None, True),
+    "gemma": ("GemmaForCausalLM", None, False),
+    "gemma2": ("Gemma2ForCausalLM", None, False),
+    "gemma3_text": ("Gemma3ForCausalLM", None, True),
 }
+GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
+
+# HF activation name -> ours, for the MLP's gate.
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +56,32 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    # Which layers use `sliding_window` (Gemma 2 and 3 alternate); None: every layer.
+    sliding_layers: tuple[bool, ...] | None = None
+    # Gemma's differences from Llama, all off for the other families:
+    norm_offset: bool = False  # RMSNorm weights are stored as w - 1 and applied as 1 + w
+    embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size)
+    activation: str = "silu"  # the MLP gate's: silu, gelu_tanh or gelu
+    post_norms: bool = False  # Gemma 2, 3: the attention's and the MLP's outputs are normed too
+    query_scale: float | None = None  # attention scores' scale; None: 1 / sqrt(head_dim)
+    attn_softcap: float | None = None  # Gemma 2: scores become cap * tanh(score / cap)
+    final_softcap: float | None = None  # Gemma 2: the same on the logits
+    local_rope: RopeConfig | None = None  # Gemma 3: the sliding layers' own RoPE
     # Not architecture but how attention is computed (see transformer.py): "einsum" (ours, with the
     # shared-prefix blocks and chunked prefill) or "fused" (jax.nn.dot_product_attention, which picks
     # a fused kernel such as cuDNN's flash attention on accelerators). The results agree.
     attention: str = "einsum"
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer `i`, None for full attention."""
+        if self.sliding_layers is None or self.sliding_layers[i]:
+            return self.sliding_window
+        return None
+
+    def layer_rope(self, i: int) -> RopeConfig:
+        if self.local_rope is not None and self.layer_window(i) is not None:
+            return self.local_rope
+        return self.rope
 
     @property
     def num_params(self) -> int:
@@ -63,8 +92,10 @@ class ModelConfig:
         return self.num_layers * per_layer + embed
 
 
-def _rope_from_hf(hf: transformers.PretrainedConfig) -> RopeConfig:
-    params: dict[str, Any] = dict(getattr(hf, "rope_parameters", None) or {})
+def _rope_from_hf(hf: transformers.PretrainedConfig, params: dict[str, Any] | None = None) -> RopeConfig:
+    """RoPE from the config's `rope_parameters` (or the given dict of them: Gemma 3 has one per layer type)."""
+    if params is None:
+        params = dict(getattr(hf, "rope_parameters", None) or {})
     theta = float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
@@ -88,8 +119,11 @@ def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json
             f"{source}: architecture {', '.join(map(str, archs))} (model_type {family!r}) is not supported; "
             f"supported model types: {', '.join(SUPPORTED_FAMILIES)}"
         )
-    if getattr(hf, "hidden_act", "silu") != "silu":
-        raise UserError(f"{source}: hidden_act {hf.hidden_act!r} is not supported (only silu)")
+    # Gemma 2 and 3 name it hidden_activation; Gemma's later configs carry both, the newer one right.
+    act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
+    if act not in ACTIVATIONS or (act != "silu" and family not in GEMMA_FAMILIES):
+        raise UserError(f"{source}: hidden_act {act!r} is not supported for {family} "
+                        f"(supported: silu; for Gemma also gelu_pytorch_tanh, gelu)")
     _, bias, qk_norm = SUPPORTED_FAMILIES[family]
     if bias is None:
         bias = bool(getattr(hf, "attention_bias", False))
@@ -103,6 +137,17 @@ def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json
         window = None
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    layer_types = getattr(hf, "layer_types", None)
+    sliding_layers = (tuple(t == "sliding_attention" for t in layer_types)
+                      if window and family in GEMMA_FAMILIES and layer_types else None)
+    rope_params = dict(getattr(hf, "rope_parameters", None) or {})
+    rope, local_rope = None, None
+    if "full_attention" in rope_params:  # Gemma 3: one RoPE per layer type
+        rope = _rope_from_hf(hf, rope_params["full_attention"])
+        if rope_params.get("sliding_attention"):
+            local_rope = _rope_from_hf(hf, rope_params["sliding_attention"])
+    gemma = family in GEMMA_FAMILIES
+    scalar = getattr(hf, "query_pre_attn_scalar", None)
     return ModelConfig(
         family=family,
         vocab_size=hf.vocab_size,
@@ -113,10 +158,23 @@ def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         rms_norm_eps=float(hf.rms_norm_eps),
-        rope=_rope_from_hf(hf),
+        rope=rope or _rope_from_hf(hf),
         max_position=int(hf.max_position_embeddings),
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bias,
         qk_norm=qk_norm,
         sliding_window=int(window) if window else None,
+        sliding_layers=sliding_layers,
+        norm_offset=gemma,
+        embed_scale=gemma,
+        activation=ACTIVATIONS[act],
+        post_norms=family in ("gemma2", "gemma3_text"),
+        query_scale=float(scalar) ** -0.5 if gemma and scalar else None,
+        attn_softcap=_optional_float(getattr(hf, "attn_logit_softcapping", None)),
+        final_softcap=_optional_float(getattr(hf, "final_logit_softcapping", None)),
+        local_rope=local_rope if local_rope != rope else None,
     )
+
+
+def _optional_float(value) -> float | None:
+    return float(value) if value else None

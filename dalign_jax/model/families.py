@@ -18,7 +18,7 @@ from dalign_jax.model.transformer import param_shapes
 
 Row = tuple[str, tuple[str, ...], str]
 
-# Llama, Mistral, Qwen2 and Qwen3 share HF's Llama naming; they differ only in which rows exist.
+# Llama, Mistral, Qwen2, Qwen3 and Gemma share HF's Llama naming; they differ only in which rows exist.
 _LLAMA_NAMES: list[Row] = [
     ("model.embed_tokens.weight", ("embed",), "same"),
     ("model.norm.weight", ("final_norm",), "same"),
@@ -39,11 +39,22 @@ _LLAMA_NAMES: list[Row] = [
     ("model.layers.{i}.mlp.down_proj.weight", ("layers", "w_down"), "linear"),
 ]
 
+# Gemma 2 and 3 norm each sub-block's output too, and HF's `post_attention_layernorm` is that norm
+# there (in Llama it is the MLP's input norm).
+_GEMMA2_NAMES: list[Row] = [row for row in _LLAMA_NAMES if "post_attention_layernorm" not in row[0]] + [
+    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attn_norm"), "same"),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", ("layers", "mlp_norm"), "same"),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", ("layers", "post_mlp_norm"), "same"),
+]
+
 FAMILY_TABLES: dict[str, list[Row]] = {
     "llama": _LLAMA_NAMES,
     "mistral": _LLAMA_NAMES,
     "qwen2": _LLAMA_NAMES,
     "qwen3": _LLAMA_NAMES,
+    "gemma": _LLAMA_NAMES,
+    "gemma2": _GEMMA2_NAMES,
+    "gemma3_text": _GEMMA2_NAMES,
 }
 
 

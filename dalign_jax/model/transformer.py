@@ -78,10 +78,35 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return out.astype(x.dtype)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: bool = False) -> jax.Array:
+    """`offset`: the weight is stored as w - 1 (Gemma) and applied as 1 + w."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+    weight = weight.astype(jnp.float32)
+    return (normed * (1.0 + weight if offset else weight)).astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
+    return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_offset)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft cap: values squashed into (-cap, cap), nearly unchanged well inside it."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class ScoreRule(NamedTuple):
+    """How attention scores come from q . k: times `scale`, then soft-capped (Gemma 2)."""
+    scale: float
+    cap: float | None = None
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "ScoreRule":
+        return cls(cfg.query_scale or 1.0 / np.sqrt(cfg.head_dim), cfg.attn_softcap)
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+                "gelu": functools.partial(jax.nn.gelu, approximate=False)}
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
@@ -104,18 +129,19 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
 ATTENTION_CHUNK = 128
 
 
-def _attend(q, blocks):
+def _attend(q, blocks, rule: ScoreRule):
     """Grouped-query attention over key/value blocks, joined at the score level (never copied).
 
     q: [batch, kv_heads, group, time, head_dim]. Each block is (k, v, mask): k, v are [batch, kv_heads,
     slots, head_dim] (per row) or [kv_heads, slots, head_dim] (shared by all rows), layouts in which
     both products are plain batched matmuls; mask is [batch, 1, 1, time, slots].
     """
-    q = q.astype(jnp.float32) / np.sqrt(q.shape[-1])
+    q = q.astype(jnp.float32) * rule.scale
     scores = []
     for k, _, mask in blocks:
         spec = "bkgtd,ksd->bkgts" if k.ndim == 3 else "bkgtd,bksd->bkgts"
-        scores.append(jnp.where(mask, jnp.einsum(spec, q, k.astype(jnp.float32)), -1e30))
+        s = softcap(jnp.einsum(spec, q, k.astype(jnp.float32)), rule.cap)
+        scores.append(jnp.where(mask, s, -1e30))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
     for (k, v, _), s in zip(blocks, scores):
@@ -126,10 +152,11 @@ def _attend(q, blocks):
     return out
 
 
-def _attend_fused(q, blocks):
+def _attend_fused(q, blocks, rule: ScoreRule):
     """`_attend` through `jax.nn.dot_product_attention`, which uses a fused kernel where the platform
     has one (cuDNN flash attention for 16-bit inputs on GPUs) and XLA's otherwise. Shared prefix blocks
-    are broadcast over the rows (the kernel takes one key sequence per row); masks are the same."""
+    are broadcast over the rows (the kernel takes one key sequence per row); masks are the same. It has
+    no soft cap: models with one (Gemma 2) attend through `_attend`."""
     b, kvh, group, t, hd = q.shape
     keys, values, masks = [], [], []
     for k, v, mask in blocks:
@@ -145,11 +172,11 @@ def _attend_fused(q, blocks):
     out = None
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:  # cuDNN's kernel turns the mask into a bias; it refuses shapes it lacks (said at trace time)
-            out = jax.nn.dot_product_attention(*args, mask=mask, implementation="cudnn")
+            out = jax.nn.dot_product_attention(*args, mask=mask, scale=rule.scale, implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError):
             out = None
     if out is None:  # XLA's implementation: the same arithmetic as `_attend`, in the input dtype
-        out = jax.nn.dot_product_attention(*args, mask=mask)
+        out = jax.nn.dot_product_attention(*args, mask=mask, scale=rule.scale)
     return out.reshape(b, t, kvh, group, hd).transpose(0, 2, 3, 1, 4)
 
 
@@ -163,7 +190,7 @@ def _attend_fused(q, blocks):
 ROW_TILE_ELEMENTS = 1 << 22
 
 
-def _attend_causal(q, k, v, mask, prefix_blocks, batch_shards: int | None = None):
+def _attend_causal(q, k, v, mask, prefix_blocks, rule: ScoreRule, batch_shards: int | None = None):
     """Attention of new tokens to themselves (slot order is time order) and to shared prefix blocks,
     in query chunks that skip the keys after each chunk's end. `batch_shards`: how many pieces the
     mesh splits the batch axis into, so that a row-by-row pass stays on each shard's own rows; None
@@ -172,21 +199,21 @@ def _attend_causal(q, k, v, mask, prefix_blocks, batch_shards: int | None = None
     if batch_shards and b % batch_shards == 0 and b > batch_shards:
         keys = t + sum(pk.shape[-2] for pk, _, _ in prefix_blocks)
         if b // batch_shards * kvh * group * min(ATTENTION_CHUNK, t) * keys > ROW_TILE_ELEMENTS:
-            return _attend_by_row(q, k, v, mask, prefix_blocks, batch_shards)
-    return _attend_chunks(q, k, v, mask, prefix_blocks, ATTENTION_CHUNK * (2 if prefix_blocks else 1))
+            return _attend_by_row(q, k, v, mask, prefix_blocks, rule, batch_shards)
+    return _attend_chunks(q, k, v, mask, prefix_blocks, rule, ATTENTION_CHUNK * (2 if prefix_blocks else 1))
 
 
-def _attend_chunks(q, k, v, mask, prefix_blocks, chunk: int):
+def _attend_chunks(q, k, v, mask, prefix_blocks, rule: ScoreRule, chunk: int):
     outs = []
     for a in range(0, q.shape[3], chunk):
         end = min(a + chunk, q.shape[3])
         blocks = [(pk, pv, pm[..., a:end, :]) for pk, pv, pm in prefix_blocks]
         blocks.append((k[:, :, :end], v[:, :, :end], mask[..., a:end, :end]))
-        outs.append(_attend(q[:, :, :, a:end], blocks))
+        outs.append(_attend(q[:, :, :, a:end], blocks, rule))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
 
 
-def _attend_by_row(q, k, v, mask, prefix_blocks, shards: int):
+def _attend_by_row(q, k, v, mask, prefix_blocks, rule: ScoreRule, shards: int):
     """`_attend_chunks` one row of each batch shard at a time. The batch axis [b] is viewed as
     [shards, b / shards] and the map runs over the second, so each step takes the same local row from
     every shard: mapping over the sharded axis itself would gather the whole batch on every device."""
@@ -203,7 +230,7 @@ def _attend_by_row(q, k, v, mask, prefix_blocks, shards: int):
         blocks = [(pk, pv, pm) for (pk, pv), pm in zip(shared, prefix_masks)]
         # One row's tiles are small, and shorter query chunks skip more keys above the diagonal:
         # behind a 1,024-token prefix 64 took 79 ms a layer, 128 took 93 and 256, 131.
-        return _attend_chunks(q, k, v, mask, blocks, ATTENTION_CHUNK // 2)
+        return _attend_chunks(q, k, v, mask, blocks, rule, ATTENTION_CHUNK // 2)
 
     out = jax.lax.map(step, jax.tree.map(split, per_row))
     return jnp.swapaxes(out, 0, 1).reshape((b,) + out.shape[2:])
@@ -218,7 +245,7 @@ def _layer(cfg: ModelConfig, inv_freq, batch_shards: int | None, x, positions, l
     """
     b, t, _ = x.shape
     dtype = x.dtype
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    h = _norm(cfg, x, lp["attn_norm"])
     q = h @ lp["wq"].astype(dtype)
     k = h @ lp["wk"].astype(dtype)
     v = h @ lp["wv"].astype(dtype)
@@ -228,8 +255,8 @@ def _layer(cfg: ModelConfig, inv_freq, batch_shards: int | None, x, positions, l
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+        q = _norm(cfg, q, lp["q_norm"])
+        k = _norm(cfg, k, lp["k_norm"])
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     group = cfg.num_heads // cfg.num_kv_heads
@@ -238,21 +265,24 @@ def _layer(cfg: ModelConfig, inv_freq, batch_shards: int | None, x, positions, l
     k = k.transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
     prefix_blocks = [prefix_kv] if prefix_kv is not None else []
-    fused = cfg.attention == "fused"
+    fused = cfg.attention == "fused" and cfg.attn_softcap is None
+    rule = ScoreRule.of(cfg)
     if cache_kv is None or fresh:
-        attn = (_attend_fused(q, prefix_blocks + [(k, v, mask)]) if fused
-                else _attend_causal(q, k, v, mask, prefix_blocks, batch_shards))
+        attn = (_attend_fused(q, prefix_blocks + [(k, v, mask)], rule) if fused
+                else _attend_causal(q, k, v, mask, prefix_blocks, rule, batch_shards))
     if cache_kv is not None:
         ck, cv, index = cache_kv
         k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
         v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
         if not fresh:
-            attn = (_attend_fused if fused else _attend)(q, prefix_blocks + [(k, v, mask)])
+            attn = (_attend_fused if fused else _attend)(q, prefix_blocks + [(k, v, mask)], rule)
     attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * cfg.head_dim)
-    x = x + (attn.astype(dtype) @ lp["wo"].astype(dtype))
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate = jax.nn.silu(h @ lp["w_gate"].astype(dtype))
-    x = x + ((gate * (h @ lp["w_up"].astype(dtype))) @ lp["w_down"].astype(dtype))
+    out = attn.astype(dtype) @ lp["wo"].astype(dtype)
+    x = x + (_norm(cfg, out, lp["post_attn_norm"]) if cfg.post_norms else out)
+    h = _norm(cfg, x, lp["mlp_norm"])
+    gate = _ACTIVATIONS[cfg.activation](h @ lp["w_gate"].astype(dtype))
+    out = (gate * (h @ lp["w_up"].astype(dtype))) @ lp["w_down"].astype(dtype)
+    x = x + (_norm(cfg, out, lp["post_mlp_norm"]) if cfg.post_norms else out)
     return x, k, v
 
 
@@ -292,33 +322,39 @@ def forward(
     """
     chex.assert_rank([tokens, positions], 2)
     chex.assert_equal_shape([tokens, positions])
-    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
     dtype = dtype or params["embed"].dtype
     x = params["embed"][tokens].astype(dtype)
+    if cfg.embed_scale:  # the scale in the compute dtype, as Gemma's reference rounds it
+        x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype)
     key_positions = positions
     if cache is not None:
         key_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
-    # [b, t, s] -> [b, 1, 1, t, s], broadcasting over KV heads and the query group.
-    visible = lambda keys: attention_mask(positions, keys, cfg.sliding_window)[:, None, None]  # noqa: E731
-    mask = visible(positions if cache is None or fresh_cache else key_positions)
+    windows = {cfg.layer_window(i) for i in range(cfg.num_layers)}
+    # [b, t, s] -> [b, 1, 1, t, s], broadcasting over KV heads and the query group; one per window.
+    visible = lambda keys: {w: attention_mask(positions, keys, w)[:, None, None] for w in windows}  # noqa: E731
+    masks = visible(positions if cache is None or fresh_cache else key_positions)
     if segments is not None:
         if cache is not None:
             raise ValueError("forward: packed segments are for passes without a cache")
         chex.assert_equal_shape([tokens, segments])
-        mask = mask & (segments[:, :, None] == segments[:, None, :])[:, None, None]
+        same = (segments[:, :, None] == segments[:, None, :])[:, None, None]
+        masks = {w: m & same for w, m in masks.items()}
     shared = cache is not None and cache.prefix_k is not None
     if shared:
-        prefix_mask = visible(jnp.broadcast_to(cache.prefix_positions,
-                                               (tokens.shape[0],) + cache.prefix_positions.shape))
+        prefix_masks = visible(jnp.broadcast_to(cache.prefix_positions,
+                                                (tokens.shape[0],) + cache.prefix_positions.shape))
 
-    layer = functools.partial(_layer, cfg, inv_freq, batch_shards)
-    if remat:
-        layer = jax.checkpoint(layer, static_argnums=(6,))  # argument 6: `fresh`, a Python bool
+    layers = {}  # one function per RoPE (Gemma 3's sliding layers have their own)
+    for rope in {cfg.layer_rope(i) for i in range(cfg.num_layers)}:
+        layers[rope] = functools.partial(_layer, cfg, rope_inv_freq(rope, cfg.head_dim), batch_shards)
+        if remat:
+            layers[rope] = jax.checkpoint(layers[rope], static_argnums=(6,))  # argument 6: `fresh`, a Python bool
     new_k, new_v = [], []
     for i, lp in enumerate(params["layers"]):
+        window = cfg.layer_window(i)
         cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-        prefix_kv = (cache.prefix_k[i], cache.prefix_v[i], prefix_mask) if shared else None
-        x, k, v = layer(x, positions, lp, mask, cache_kv, prefix_kv, fresh_cache)
+        prefix_kv = (cache.prefix_k[i], cache.prefix_v[i], prefix_masks[window]) if shared else None
+        x, k, v = layers[cfg.layer_rope(i)](x, positions, lp, masks[window], cache_kv, prefix_kv, fresh_cache)
         new_k.append(k)
         new_v.append(v)
     new_cache = None if cache is None else cache._replace(
@@ -328,9 +364,9 @@ def forward(
         x = x[:, -1:]
     elif logits_from:
         x = x[:, logits_from:]
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    x = _norm(cfg, x, params["final_norm"])
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    logits = (x @ head.astype(dtype)).astype(jnp.float32)
+    logits = softcap((x @ head.astype(dtype)).astype(jnp.float32), cfg.final_softcap)
     return logits, new_cache
 
 
@@ -360,6 +396,8 @@ def param_shapes(cfg: ModelConfig) -> Params:
         layer.update(bq=(qd,), bk=(kvd,), bv=(kvd,))
     if cfg.qk_norm:
         layer.update(q_norm=(hd,), k_norm=(hd,))
+    if cfg.post_norms:
+        layer.update(post_attn_norm=(d,), post_mlp_norm=(d,))
     layers = [dict(layer) for _ in range(cfg.num_layers)]
     shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,), "layers": layers}
     if not cfg.tie_embeddings:
@@ -368,14 +406,14 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Random parameters (norm weights one, the rest normal): for benchmarks and tests."""
+    """Random parameters (norms the identity, the rest normal): for benchmarks and tests."""
     is_shape = lambda s: isinstance(s, tuple)  # noqa: E731
     shapes = param_shapes(cfg)
     keys = iter(jax.random.split(key, len(jax.tree.leaves(shapes, is_leaf=is_shape))))
 
     def init(path, shape):
         if "norm" in jax.tree_util.keystr(path):
-            return jnp.ones(shape, dtype)
+            return (jnp.zeros if cfg.norm_offset else jnp.ones)(shape, dtype)
         return (std * jax.random.normal(next(keys), shape)).astype(dtype)
 
     return jax.tree_util.tree_map_with_path(init, shapes, is_leaf=is_shape)
