@@ -89,7 +89,7 @@ def cmd_export(args) -> int:
 
     model = load_model(args.model)
     out = export_hf(args.out, model.hf_config, model.cfg, model.params, model.tokenizer,
-                    max_shard_bytes=int(args.max_shard_mb * 1024 * 1024))
+                    max_shard_bytes=int(args.max_shard_mb * 1024 * 1024), generation=model.generation)
     print(f"exported {args.model} to {out}")
     return 0
 

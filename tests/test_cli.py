@@ -119,3 +119,23 @@ def test_shipped_configs_load(path):
 
     config = load_config(path)
     assert config.run_dir.startswith("runs/")
+
+
+def test_generation_config_names_stop_tokens_and_survives_export(tiny_chat_model, tmp_path):
+    """End-of-turn tokens that only generation_config.json names (Gemma's, Llama 3's) stop sampling,
+    and an export keeps that file as it was; a broken one is an error naming it."""
+    import transformers
+
+    from dalign_jax.engine.chat import stop_token_ids
+    from dalign_jax.errors import UserError
+    from dalign_jax.model.loader import load_model
+
+    transformers.GenerationConfig(eos_token_id=[251, 7], do_sample=True, temperature=0.6).save_pretrained(
+        str(tiny_chat_model))
+    assert 7 in stop_token_ids(load_model(str(tiny_chat_model)))
+    assert main(["export", "--model", str(tiny_chat_model), "--out", str(tmp_path / "hf")]) == 0
+    written = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert written["eos_token_id"] == [251, 7] and written["temperature"] == 0.6
+    (tiny_chat_model / "generation_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="generation_config.json"):
+        load_model(str(tiny_chat_model))

@@ -80,9 +80,11 @@ def encode_chat(tokenizer, messages: Messages) -> list[int]:
 
 
 def stop_token_ids(model: LoadedModel) -> list[int]:
-    """End-of-turn tokens: the tokenizer's EOS and every EOS the model config names."""
+    """End-of-turn tokens: the tokenizer's EOS and every EOS the model config and the generation config
+    name (as transformers' `generate` stops on the latter's)."""
     ids = set()
-    for value in (model.tokenizer.eos_token_id if model.tokenizer else None, model.hf_config.eos_token_id):
+    for value in (model.tokenizer.eos_token_id if model.tokenizer else None, model.hf_config.eos_token_id,
+                  model.generation.eos_token_id if model.generation else None):
         if isinstance(value, int):
             ids.add(value)
         elif value:

@@ -122,8 +122,12 @@ def export_hf(
     params,
     tokenizer,
     max_shard_bytes: int = 2 * 1024**3,
+    generation: transformers.GenerationConfig | None = None,
 ) -> Path:
     """Write a directory transformers loads: config, generation config, safetensors, tokenizer.
+
+    `generation`: the source model's generation config, kept as it was; None writes one with the
+    model config's special tokens.
 
     The directory appears under its final name only when complete (written beside it, then renamed).
     """
@@ -139,7 +143,7 @@ def export_hf(
         hf_config.tie_word_embeddings = cfg.tie_embeddings
         hf_config.dtype = "float32"
         hf_config.save_pretrained(tmp)
-        gen = transformers.GenerationConfig(
+        gen = generation or transformers.GenerationConfig(
             bos_token_id=hf_config.bos_token_id,
             eos_token_id=hf_config.eos_token_id,
             pad_token_id=getattr(hf_config, "pad_token_id", None),

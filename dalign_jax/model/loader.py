@@ -49,6 +49,9 @@ class LoadedModel:
     params: dict
     tokenizer: transformers.PreTrainedTokenizerBase | None
     model_id: str  # a short content-derived id recorded in every output the model makes
+    # The directory's generation_config.json, where it has one: its end-of-turn tokens (Gemma's
+    # <end_of_turn>, Llama 3's <|eot_id|>) are often named there only, and an export keeps it.
+    generation: transformers.GenerationConfig | None = None
 
 
 def _model_id(name: str, path: Path) -> str:
@@ -77,7 +80,17 @@ def load_model(name: str, attention: str = "einsum") -> LoadedModel:
     else:
         raise UserError(f"{path}: not a model (expected a HF model directory or a .gguf file)")
     cfg = dataclasses.replace(cfg, attention=attention)
-    return LoadedModel(name, hf_config, cfg, params, tokenizer, _model_id(name, path))
+    generation = read_generation_config(path) if path.is_dir() else None
+    return LoadedModel(name, hf_config, cfg, params, tokenizer, _model_id(name, path), generation)
+
+
+def read_generation_config(directory: Path) -> transformers.GenerationConfig | None:
+    if not (directory / "generation_config.json").is_file():
+        return None
+    try:
+        return transformers.GenerationConfig.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:  # transformers reports bad JSON and bad values as these
+        raise UserError(f"{directory / 'generation_config.json'}: unreadable ({e})") from None
 
 
 def load_tokenizer(name: str):

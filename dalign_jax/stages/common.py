@@ -144,7 +144,8 @@ def export_trained(directory: Path, model, params) -> str | None:
     gathered = host_params(params)
     if jax.process_index() != 0:
         return None
-    return str(export_hf(directory, model.hf_config, model.cfg, gathered, model.tokenizer))
+    return str(export_hf(directory, model.hf_config, model.cfg, gathered, model.tokenizer,
+                         generation=model.generation))
 
 
 def ensure_writable(directory: Path) -> None:
