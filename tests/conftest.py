@@ -34,10 +34,11 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", dict(TINY, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=0.05, final_logit_softcapping=0.5,
                                     layer_types=["sliding_attention", "full_attention"])),
+    # Its sliding layer turns with a RoPE of its own.
     "gemma3": ("Gemma3TextConfig", dict(TINY, head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
-                                        layer_types=["full_attention", "sliding_attention"],
-                                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                                                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+                                        layer_types=["full_attention", "sliding_attention"], rope_parameters={
+                                            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
 }
 
 

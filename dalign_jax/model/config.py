@@ -119,8 +119,9 @@ def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json
             f"{source}: architecture {', '.join(map(str, archs))} (model_type {family!r}) is not supported; "
             f"supported model types: {', '.join(SUPPORTED_FAMILIES)}"
         )
-    # Gemma 2 and 3 name it hidden_activation; Gemma's later configs carry both, the newer one right.
-    act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
+    # Read from the key transformers' own model of the family reads: Gemma 2 and 3 name it
+    # hidden_activation (some Gemma configs carry both keys, with different values).
+    act = getattr(hf, "hidden_activation" if family in ("gemma2", "gemma3_text") else "hidden_act", None) or "silu"
     if act not in ACTIVATIONS or (act != "silu" and family not in GEMMA_FAMILIES):
         raise UserError(f"{source}: hidden_act {act!r} is not supported for {family} "
                         f"(supported: silu; for Gemma also gelu_pytorch_tanh, gelu)")
