@@ -91,7 +91,15 @@ def tiny_models(tmp_path_factory):
     return {f: (root / f, make_hf_model(f, root / f)) for f in FAMILIES}
 
 
-def add_byte_tokenizer(directory):
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+# Gemma 1 and 2's templates have no system role and raise on one.
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}[end]\n{% endfor %}"
+    "{% if add_generation_prompt %}[model]\n{% endif %}")
+
+
+def add_byte_tokenizer(directory, chat_template: str = CHAT_TEMPLATE):
     """Give a tiny model a chat tokenizer: byte-level BPE over 250 byte symbols, no merges."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -102,8 +110,7 @@ def add_byte_tokenizer(directory):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-        chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:",
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=chat_template,
     ).save_pretrained(str(directory))
     return directory
 
@@ -132,6 +139,10 @@ Disallowed things.
 @pytest.fixture
 def mini_run(tmp_path, tiny_chat_model):
     """A config over a two-category spec and six prompts, with the tiny chat model as policy and judge."""
+    return write_mini_run(tmp_path, tiny_chat_model)
+
+
+def write_mini_run(tmp_path, model_dir):
     import json
 
     spec = tmp_path / "spec"
@@ -147,7 +158,7 @@ def mini_run(tmp_path, tiny_chat_model):
     config = tmp_path / "config.yaml"
     config.write_text(f"""run_dir: {tmp_path / 'run'}
 spec_dir: {spec}
-models: {{policy: {tiny_chat_model}, judge: {tiny_chat_model}}}
+models: {{policy: {model_dir}, judge: {model_dir}}}
 prompts: {{path: {prompts}, split: all}}
 distill: {{samples_per_prompt: 2, cot_tokens: 8, answer_tokens: 8, temperature: 1.0, batch_size: 2, shard_size: 1}}
 judge: {{runs: 2, threshold: 0.0, best_of_n: 1, batch_size: 4}}

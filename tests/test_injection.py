@@ -4,7 +4,7 @@ text are encoded as plain text, never as control tokens, on every path that enco
 the GGUF-built tokenizer of the embedded default)."""
 import pytest
 
-from conftest import HAS_DEFAULT_MODEL
+from conftest import HAS_DEFAULT_MODEL, NO_SYSTEM_TEMPLATE
 from dalign_jax.data.prompts import Prompt
 from dalign_jax.data.sft_data import tokenize_conversation
 from dalign_jax.data.spec import load_spec
@@ -69,12 +69,6 @@ def test_encoding_from_many_threads_equals_one_at_a_time(tokenizer_and_control):
         threaded = list(pool.map(lambda c: tokenize_conversation(tok, c, 4096)["tokens"].tolist(), conversations))
     assert threaded == serial
 
-
-# Gemma 1 and 2's templates have no system role and raise on one.
-NO_SYSTEM_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}[end]\n{% endfor %}"
-    "{% if add_generation_prompt %}[model]\n{% endif %}")
 
 
 def test_system_turn_opens_the_user_turn_where_the_template_has_no_system_role(tiny_chat_model):

@@ -55,6 +55,33 @@ def test_run_every_stage_then_report(mini_run, tmp_path, capsys):
     assert main(["run", str(mini_run)] + overrides) == 0
 
 
+def test_run_every_stage_on_gemma2_whose_template_has_no_system_role(tiny_models, tmp_path, capsys):
+    """Distill and judge put the spec in a system turn, which Gemma 2's template refuses; the run
+    completes, and its export is a Gemma 2 directory that transformers loads and agrees with."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from conftest import NO_SYSTEM_TEMPLATE, add_byte_tokenizer, hf_logits, padded_batch, write_mini_run
+    from dalign_jax.model.loader import load_model
+    from dalign_jax.model.transformer import forward
+
+    gemma = add_byte_tokenizer(shutil.copytree(tiny_models["gemma2"][0], tmp_path / "gemma"), NO_SYSTEM_TEMPLATE)
+    assert main(["run", str(write_mini_run(tmp_path, gemma))] + pipeline_overrides(tmp_path)) == 0
+    result = json.loads(capsys.readouterr().out)
+    distilled = [line for f in sorted((tmp_path / "run" / "distill").glob("shard-*.jsonl"))
+                 for line in f.read_text().splitlines()]
+    assert len(distilled) == 6 * 2  # every prompt, k = 2, though the spec had no system turn to go in
+    exported = transformers.AutoModelForCausalLM.from_pretrained(result["export"]).eval()
+    assert type(exported).__name__ == "Gemma2ForCausalLM"
+    ours = load_model(result["export"])
+    tokens, mask, positions = padded_batch(ours.cfg.vocab_size, [9, 4], seed=2)
+    logits, _ = forward(ours.params, tokens, positions, cfg=ours.cfg)
+    real = mask.astype(bool)
+    assert np.abs(np.asarray(logits)[real] - hf_logits(exported, tokens, mask)[real]).max() <= 1e-4
+
+
 def test_run_needs_no_pytorch(mini_run, tmp_path):
     """The whole pipeline with torch made unimportable (`sys.modules["torch"] = None`)."""
     script = ("import sys; sys.modules['torch'] = None\n"
