@@ -70,7 +70,6 @@ def test_encoding_from_many_threads_equals_one_at_a_time(tokenizer_and_control):
     assert threaded == serial
 
 
-
 def test_system_turn_opens_the_user_turn_where_the_template_has_no_system_role(tiny_chat_model):
     from jinja2 import TemplateError
 

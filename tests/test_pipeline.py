@@ -60,7 +60,6 @@ def test_run_every_stage_on_gemma2_whose_template_has_no_system_role(tiny_models
     completes, and its export is a Gemma 2 directory that transformers loads and agrees with."""
     import shutil
 
-    import torch
     import transformers
 
     from conftest import NO_SYSTEM_TEMPLATE, add_byte_tokenizer, hf_logits, padded_batch, write_mini_run
