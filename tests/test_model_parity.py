@@ -30,7 +30,7 @@ def test_family_features_are_read_from_config(tiny_models):
     assert cfgs["llama3"].rope.factor == 8.0 and cfgs["llama2"].rope.factor == 1.0
     assert cfgs["smollm2"].tie_embeddings and not cfgs["llama2"].tie_embeddings
     assert cfgs["mistral"].sliding_window == 5 and cfgs["llama2"].sliding_window is None
-    assert cfgs["qwen2"].qkv_bias and not cfgs["qwen3"].qkv_bias
+    assert cfgs["qwen2"].qkv_bias and not cfgs["qwen2"].out_bias and not cfgs["qwen3"].qkv_bias
     assert cfgs["qwen3"].qk_norm and cfgs["qwen3"].head_dim == 32
     gemma, gemma2, gemma3 = cfgs["gemma"], cfgs["gemma2"], cfgs["gemma3"]
     assert gemma.norm_offset and gemma.embed_scale and gemma.activation == "gelu_tanh" and not gemma.post_norms
@@ -78,3 +78,29 @@ def test_long_padded_batch_crosses_attention_chunks(tiny_models, family):
     real = mask.astype(bool)
     ref = hf_logits(torch_model, tokens, mask)
     assert np.abs(our_logits(model, tokens, positions)[real] - ref[real]).max() <= 1e-4
+
+
+
+def test_llama_with_attention_bias_has_an_output_bias(monkeypatch, tmp_path):
+    """Llama's `attention_bias` puts a bias on the output projection too (Qwen2's biases stop at v)."""
+    import torch
+    import transformers
+
+    from conftest import TINY, make_hf_model
+
+    monkeypatch.setitem(FAMILIES, "llama_bias", ("LlamaConfig", dict(TINY, attention_bias=True)))
+    torch_model = make_hf_model("llama_bias", tmp_path / "hf")
+    with torch.no_grad():  # zero-initialised biases would hide a missing one
+        for name, p in torch_model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0.0, 0.5)
+    torch_model.save_pretrained(tmp_path / "hf")
+    model = load_model(str(tmp_path / "hf"))
+    assert model.cfg.qkv_bias and model.cfg.out_bias
+    tokens, mask, positions = padded_batch(model.cfg.vocab_size, [11, 7, 3, 11], seed=1)
+    real = mask.astype(bool)
+    ref = hf_logits(torch_model, tokens, mask)
+    assert np.abs(our_logits(model, tokens, positions)[real] - ref[real]).max() <= 1e-4
+    out = export_hf(tmp_path / "export", model.hf_config, model.cfg, model.params, model.tokenizer)
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -54,6 +54,7 @@ class ModelConfig:
     max_position: int
     tie_embeddings: bool
     qkv_bias: bool = False
+    out_bias: bool = False  # a bias on the attention's output projection (`attention_bias` but in Qwen2)
     qk_norm: bool = False
     sliding_window: int | None = None
     # Which layers use `sliding_window` (Gemma 2 and 3 alternate); None: every layer.
@@ -163,6 +164,8 @@ def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json
         max_position=int(hf.max_position_embeddings),
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bias,
+        # Qwen2 puts biases on q, k and v only; the others' `attention_bias` covers the output too.
+        out_bias=bias and family != "qwen2",
         qk_norm=qk_norm,
         sliding_window=int(window) if window else None,
         sliding_layers=sliding_layers,

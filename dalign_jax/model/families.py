@@ -31,6 +31,7 @@ _LLAMA_NAMES: list[Row] = [
     ("model.layers.{i}.self_attn.q_proj.bias", ("layers", "bq"), "same"),
     ("model.layers.{i}.self_attn.k_proj.bias", ("layers", "bk"), "same"),
     ("model.layers.{i}.self_attn.v_proj.bias", ("layers", "bv"), "same"),
+    ("model.layers.{i}.self_attn.o_proj.bias", ("layers", "bo"), "same"),
     ("model.layers.{i}.self_attn.q_norm.weight", ("layers", "q_norm"), "same"),
     ("model.layers.{i}.self_attn.k_norm.weight", ("layers", "k_norm"), "same"),
     ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm"), "same"),

@@ -278,6 +278,8 @@ def _layer(cfg: ModelConfig, inv_freq, batch_shards: int | None, x, positions, l
             attn = (_attend_fused if fused else _attend)(q, prefix_blocks + [(k, v, mask)], rule)
     attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * cfg.head_dim)
     out = attn.astype(dtype) @ lp["wo"].astype(dtype)
+    if cfg.out_bias:
+        out = out + lp["bo"]
     x = x + (_norm(cfg, out, lp["post_attn_norm"]) if cfg.post_norms else out)
     h = _norm(cfg, x, lp["mlp_norm"])
     gate = _ACTIVATIONS[cfg.activation](h @ lp["w_gate"].astype(dtype))
@@ -394,6 +396,8 @@ def param_shapes(cfg: ModelConfig) -> Params:
     }
     if cfg.qkv_bias:
         layer.update(bq=(qd,), bk=(kvd,), bv=(kvd,))
+    if cfg.out_bias:
+        layer.update(bo=(d,))
     if cfg.qk_norm:
         layer.update(q_norm=(hd,), k_norm=(hd,))
     if cfg.post_norms:

@@ -25,6 +25,7 @@ PARAM_RULES: list[tuple[str, P]] = [
     (r"^layers/\d+/(wq|wk|wv|w_gate|w_up)$", P("fsdp", "tensor")),
     (r"^layers/\d+/(wo|w_down)$", P("tensor", "fsdp")),
     (r"^layers/\d+/(bq|bk|bv)$", P("tensor")),
+    (r"^layers/\d+/bo$", P()),  # added to the full-width output, which tensor parallelism sums over
     (r"norm$", P()),
     # LoRA adapters (train/lora.py): a [in, rank] split like the input side of its matrix, b [rank, out]
     # like the output side, so a @ b has the matrix's own layout.
