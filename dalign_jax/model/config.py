@@ -24,6 +24,7 @@ SUPPORTED_FAMILIES = {
     "gemma3_text": ("Gemma3ForCausalLM", None, True),
 }
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
+GEMMA2_LAYOUT = ("gemma2", "gemma3_text")  # post-block norms; the activation named hidden_activation
 
 # HF activation name -> ours, for the MLP's gate.
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -93,10 +94,8 @@ class ModelConfig:
         return self.num_layers * per_layer + embed
 
 
-def _rope_from_hf(hf: transformers.PretrainedConfig, params: dict[str, Any] | None = None) -> RopeConfig:
-    """RoPE from the config's `rope_parameters` (or the given dict of them: Gemma 3 has one per layer type)."""
-    if params is None:
-        params = dict(getattr(hf, "rope_parameters", None) or {})
+def _rope_from_hf(hf: transformers.PretrainedConfig, params: dict[str, Any]) -> RopeConfig:
+    """RoPE from one dict of `rope_parameters` (older configs keep the theta beside it)."""
     theta = float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
@@ -122,7 +121,7 @@ def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json
         )
     # Read from the key transformers' own model of the family reads: Gemma 2 and 3 name it
     # hidden_activation (some Gemma configs carry both keys, with different values).
-    act = getattr(hf, "hidden_activation" if family in ("gemma2", "gemma3_text") else "hidden_act", None) or "silu"
+    act = getattr(hf, "hidden_activation" if family in GEMMA2_LAYOUT else "hidden_act", None) or "silu"
     if act not in ACTIVATIONS or (act != "silu" and family not in GEMMA_FAMILIES):
         raise UserError(f"{source}: hidden_act {act!r} is not supported for {family} "
                         f"(supported: silu; for Gemma also gelu_pytorch_tanh, gelu)")
@@ -143,11 +142,10 @@ def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json
     sliding_layers = (tuple(t == "sliding_attention" for t in layer_types)
                       if window and family in GEMMA_FAMILIES and layer_types else None)
     rope_params = dict(getattr(hf, "rope_parameters", None) or {})
-    rope, local_rope = None, None
-    if "full_attention" in rope_params:  # Gemma 3: one RoPE per layer type
-        rope = _rope_from_hf(hf, rope_params["full_attention"])
-        if rope_params.get("sliding_attention"):
-            local_rope = _rope_from_hf(hf, rope_params["sliding_attention"])
+    # Gemma 3 has one RoPE per layer type; the others one for every layer.
+    rope = _rope_from_hf(hf, rope_params.get("full_attention", rope_params))
+    local = rope_params.get("sliding_attention")
+    local_rope = _rope_from_hf(hf, local) if local else None
     gemma = family in GEMMA_FAMILIES
     scalar = getattr(hf, "query_pre_attn_scalar", None)
     return ModelConfig(
@@ -160,7 +158,7 @@ def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         rms_norm_eps=float(hf.rms_norm_eps),
-        rope=rope or _rope_from_hf(hf),
+        rope=rope,
         max_position=int(hf.max_position_embeddings),
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bias,
@@ -172,7 +170,7 @@ def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json
         norm_offset=gemma,
         embed_scale=gemma,
         activation=ACTIVATIONS[act],
-        post_norms=family in ("gemma2", "gemma3_text"),
+        post_norms=family in GEMMA2_LAYOUT,
         query_scale=float(scalar) ** -0.5 if gemma and scalar else None,
         attn_softcap=_optional_float(getattr(hf, "attn_logit_softcapping", None)),
         final_softcap=_optional_float(getattr(hf, "final_logit_softcapping", None)),

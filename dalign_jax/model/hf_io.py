@@ -23,20 +23,35 @@ from dalign_jax.model.families import hf_to_params, params_to_hf
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+
+
 def read_hf_config(directory: Path) -> transformers.PretrainedConfig:
     path = directory / "config.json"
     if not path.is_file():
         raise UserError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    raw = _read_json(path)
     model_type = raw.get("model_type")
     try:
         config_cls = transformers.AutoConfig.for_model(model_type).__class__
     except (ValueError, KeyError):
         raise UserError(f"{path}: field model_type: unknown model type {model_type!r}") from None
     return config_cls.from_dict(raw)
+
+
+def read_generation_config(directory: Path) -> transformers.GenerationConfig | None:
+    """The directory's generation_config.json, None where it has none."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return transformers.GenerationConfig.from_dict(_read_json(path))
+    except ValueError as e:  # a value transformers' validation refuses
+        raise UserError(f"{path}: {e}") from None
 
 
 def _safetensors_files(directory: Path) -> list[Path]:

@@ -68,7 +68,7 @@ def model_id_of(name: str) -> str:
 def load_model(name: str, attention: str = "einsum") -> LoadedModel:
     """`attention`: how the forward pass computes attention (ModelConfig.attention)."""
     from dalign_jax.model.gguf_io import load_gguf
-    from dalign_jax.model.hf_io import load_hf_dir
+    from dalign_jax.model.hf_io import load_hf_dir, read_generation_config
 
     path = resolve_model_path(name)
     if path.is_dir():
@@ -82,15 +82,6 @@ def load_model(name: str, attention: str = "einsum") -> LoadedModel:
     cfg = dataclasses.replace(cfg, attention=attention)
     generation = read_generation_config(path) if path.is_dir() else None
     return LoadedModel(name, hf_config, cfg, params, tokenizer, _model_id(name, path), generation)
-
-
-def read_generation_config(directory: Path) -> transformers.GenerationConfig | None:
-    if not (directory / "generation_config.json").is_file():
-        return None
-    try:
-        return transformers.GenerationConfig.from_pretrained(str(directory))
-    except (OSError, ValueError) as e:  # transformers reports bad JSON and bad values as these
-        raise UserError(f"{directory / 'generation_config.json'}: unreadable ({e})") from None
 
 
 def load_tokenizer(name: str):
