@@ -174,8 +174,12 @@ class RL:
     # statistics (TRL's mask_truncated_completions), instead of taking malformed_reward: a cut-off
     # answer says nothing about the answer the policy would have finished.
     mask_truncated: bool = False
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_norm"] = "token_mean"
+    # Registered names (dalign_jax/rl/; a module named in `plugins` can register more).
+    advantage: str = "grpo"  # grpo, grpo_batch_std, dr_grpo, rloo
+    aggregation: str = "token_mean"  # token_mean, sequence_mean, sequence_sum_norm
+    # The probability ratio of the clipped objective: per token (PPO, GRPO), or per sequence, the
+    # geometric mean of its tokens' (GSPO; its paper clips at about 3e-4 and 4e-4).
+    importance_sampling: Literal["token", "sequence"] = "token"
     clip_low: float = 0.2  # PPO ratio clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.28
     kl_coef: float = 0.02  # k3 estimate of KL(policy || reference)
@@ -207,6 +211,10 @@ class Config:
     run_dir: str = "runs/default"
     spec_dir: str = "specs"
     seed: int = 0
+    # Python modules (dotted names, found from the working directory, or paths of .py files) imported
+    # before any stage runs, so that their `@register("name")` rewards, advantage estimators and
+    # aggregations can be named in the rl section.
+    plugins: list[str] = dataclasses.field(default_factory=list)
     models: Models = dataclasses.field(default_factory=Models)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: Distributed = dataclasses.field(default_factory=Distributed)
@@ -263,7 +271,17 @@ def _describe(hint) -> str:
     return "null" if hint is type(None) else hint.__name__
 
 
-def _build(cls, values: dict, prefix: str, source: str):
+def _section_default(cls, key: str):
+    """The default a section's field gets from its parent (rl.train's differ from Train's own)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == key)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _build(cls, values: dict, prefix: str, source: str, base=None):
+    """`cls` from a mapping; keys it does not name keep their values in `base` (the parent's default
+    for this section), else the class's own defaults."""
     if not isinstance(values, dict):
         raise UserError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping")
     hints = typing.get_type_hints(cls)
@@ -278,7 +296,9 @@ def _build(cls, values: dict, prefix: str, source: str):
         if typing.get_origin(hint) is typing.Union and optional and isinstance(value, dict):
             hint = optional[0]  # Optional[section]: a mapping builds the section
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{prefix}{key}.", source)
+            default = _section_default(cls, key)
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.", source,
+                                 default if isinstance(default, hint) else None)
         elif hint is float and isinstance(value, str) and _is_number(value):
             kwargs[key] = float(value)  # PyYAML reads 1e-5 (no dot, no exponent sign) as a string
         elif not _type_ok(value, hint):
@@ -287,7 +307,7 @@ def _build(cls, values: dict, prefix: str, source: str):
             kwargs[key] = {k: float(v) if typing.get_args(hint)[1] is float else v for k, v in value.items()}
         else:
             kwargs[key] = float(value) if hint is float else value
-    return cls(**kwargs)
+    return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
 
 
 def _merge(base: dict, dotted: str, value) -> None:
@@ -324,7 +344,60 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         source = f"{source} + overrides" if "overrides" not in source else source
     config = _build(Config, raw, "", source)
     _check_ranges(config, source)
+    import_plugins(config.plugins, source)
+    _check_registered(config, source)
     return config
+
+
+def import_plugins(names: list[str], source: str) -> None:
+    """Import each plugin module once: a dotted module name (the working directory is searched first,
+    as `python -m` does) or the path of a .py file."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                if not path.is_file():
+                    raise FileNotFoundError(f"{name} does not exist")
+                module_name = f"dalign_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+                if module_name in sys.modules:
+                    continue
+                module_spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[module_name] = module
+                try:
+                    module_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[module_name]
+                    raise
+            else:
+                if os.getcwd() not in sys.path:
+                    sys.path.insert(0, os.getcwd())
+                importlib.import_module(name)
+        except Exception as e:
+            raise UserError(f"{source}: config key plugins: {name!r} could not be imported: "
+                            f"{type(e).__name__}: {e}") from e
+
+
+def _check_registered(config: Config, source: str) -> None:
+    """Names in the rl section must be registered (by us or by a plugin) before a stage starts."""
+    from dalign_jax.rl.advantages import ADVANTAGES
+    from dalign_jax.rl.losses import AGGREGATIONS
+    from dalign_jax.rl.rewards import REWARDS
+
+    for key, names, table in (("rl.advantage", [config.rl.advantage], ADVANTAGES),
+                              ("rl.aggregation", [config.rl.aggregation], AGGREGATIONS),
+                              ("rl.rewards", list(config.rl.rewards), REWARDS)):
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise UserError(f"{source}: config key {key}: {', '.join(map(repr, unknown))} is not registered "
+                            f"(registered: {', '.join(sorted(table))}; a module named in `plugins` can add one "
+                            "with @register)")
 
 
 # Dotted key -> (low, high) inclusive bounds on values that a type alone does not constrain.

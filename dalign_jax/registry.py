@@ -1,5 +1,5 @@
 """Named registries of plain functions (rewards, advantage estimators, loss aggregations): a user adds
-one with `@register("name")` and names it in the config."""
+one with `@register("name")` in a module the config names in `plugins`, then names it in the rl section."""
 from __future__ import annotations
 
 from typing import Callable, TypeVar

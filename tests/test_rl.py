@@ -15,7 +15,7 @@ from dalign_jax.errors import UserError
 from dalign_jax.model.loader import load_model
 from dalign_jax.parallel.mesh import make_mesh, shard_params
 from dalign_jax.rl.advantages import ADVANTAGES
-from dalign_jax.rl.losses import AGGREGATIONS, clipped_policy_loss, kl_k3, rl_loss
+from dalign_jax.rl.losses import AGGREGATIONS, clipped_policy_loss, importance_log_ratio, kl_k3, rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
 from dalign_jax.stages.rl import run_rl, training_batch
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -30,6 +30,21 @@ def test_advantage_estimators_by_hand():
     np.testing.assert_allclose(ADVANTAGES["dr_grpo"](REWARDS), [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0]])
     # RLOO: 1 - mean(0, 0, 1) = 2/3; 0 - mean(1, 0, 1) = -2/3.
     np.testing.assert_allclose(ADVANTAGES["rloo"](REWARDS), [[2 / 3, -2 / 3, -2 / 3, 2 / 3], [0, 0, 0, 0]], rtol=1e-6)
+
+
+def test_batch_scaled_advantages_by_hand():
+    # The step's eight rewards: mean 0.5, std sqrt(4 * 0.25 / 8); the second group's spread is zero.
+    std = np.sqrt(0.125)
+    np.testing.assert_allclose(ADVANTAGES["grpo_batch_std"](REWARDS),
+                               [[0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4)],
+                                [0, 0, 0, 0]], rtol=1e-6)
+    # Only counted rewards enter the step's spread (1, 0, 1 and 0.5: mean 0.625, variance 0.171875).
+    counted = jnp.array([[True, True, False, True], [True, False, False, False]])
+    rewards = jnp.array([[1.0, 0.0, -1.0, 1.0], [0.5, -1.0, -1.0, -1.0]])
+    std = np.sqrt(0.171875)
+    np.testing.assert_allclose(ADVANTAGES["grpo_batch_std"](rewards, counted),
+                               [[(1 / 3) / (std + 1e-4), (-2 / 3) / (std + 1e-4), 0, (1 / 3) / (std + 1e-4)],
+                                [0, 0, 0, 0]], rtol=1e-5, atol=1e-7)
 
 
 def test_masked_completions_leave_the_group_statistics():
@@ -67,11 +82,67 @@ def test_a_row_not_counted_has_no_say_in_the_loss(tiny_chat_model):
 
 def test_clipped_policy_loss_by_hand():
     logp = jnp.log(jnp.array([1.5, 1.5, 0.5, 0.5]))
-    loss, clipped = clipped_policy_loss(logp, jnp.zeros(4), jnp.array([1.0, -1.0, 1.0, -1.0]), 0.2, 0.28)
+    loss, clipped = clipped_policy_loss(logp - jnp.zeros(4), jnp.array([1.0, -1.0, 1.0, -1.0]), 0.2, 0.28)
     # ratio 1.5, A=+1: min(1.5, 1.28) -> clipped; A=-1: min(-1.5, -1.28) = -1.5 -> not clipped.
     # ratio 0.5, A=+1: min(0.5, 0.8) -> not clipped; A=-1: min(-0.5, -0.8) = -0.8 -> clipped.
     np.testing.assert_allclose(loss, [-1.28, 1.5, -0.5, 0.8], rtol=1e-6)
     np.testing.assert_array_equal(clipped, [1, 0, 0, 1])
+
+
+def test_sequence_level_ratio_is_gspo_by_hand():
+    logp = jnp.array([[-1.0, -2.0, -0.5], [-0.3, -0.2, -4.0]])
+    old = jnp.array([[-1.2, -1.9, -0.6], [-0.3, -0.1, -1.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    np.testing.assert_allclose(importance_log_ratio(logp, old, mask, "token"), logp - old)
+    # Row 1: (0.2 - 0.1 + 0.1) / 3; row 2: (0 - 0.1) / 2, its third token not counted.
+    np.testing.assert_allclose(importance_log_ratio(logp, old, mask, "sequence"),
+                               [[0.2 / 3] * 3, [-0.05] * 3], rtol=1e-5)
+    advantages = jnp.array([1.0, -1.0])
+
+    def ours(aggregation):
+        def loss(lp):
+            per_token, _ = clipped_policy_loss(importance_log_ratio(lp, old, mask, "sequence"), advantages[:, None],
+                                               0.05, 0.05)
+            total, weight = AGGREGATIONS[aggregation](per_token, mask, 3)
+            return total / weight
+        return loss
+
+    def sequence_objective(lp):  # one ratio per sequence, its gradient through the mean log-ratio
+        ratio = jnp.exp(((lp - old) * mask).sum(axis=1) / mask.sum(axis=1))
+        return -jnp.minimum(ratio * advantages, jnp.clip(ratio, 0.95, 1.05) * advantages)
+
+    # Row 1's ratio exp(0.067) is past 1.05 with A = +1 (clipped: no gradient); row 2's exp(-0.05) is
+    # inside with A = -1. GSPO's sequence mean, and TRL's ratio broadcast over the tokens, token mean.
+    gspo = lambda lp: sequence_objective(lp).mean()  # noqa: E731
+    trl = lambda lp: (sequence_objective(lp)[:, None] * mask).sum() / mask.sum()  # noqa: E731
+    for aggregation, reference in (("sequence_mean", gspo), ("token_mean", trl)):
+        np.testing.assert_allclose(ours(aggregation)(logp), reference(logp), rtol=1e-6)
+        grad, expected = jax.grad(ours(aggregation))(logp), jax.grad(reference)(logp)
+        np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-8)
+        assert float(jnp.abs(grad[0]).max()) == 0.0 and float(jnp.abs(grad[1, :2]).min()) > 0.1
+
+
+def test_rl_loss_logs_the_entropy_of_the_sampling_distribution(tiny_chat_model):
+    from dalign_jax.model.transformer import forward
+
+    model = load_model(str(tiny_chat_model))
+    rng = np.random.default_rng(1)
+    batch = training_batch([list(rng.integers(1, 200, 4)), list(rng.integers(1, 200, 6))],
+                           [rng.integers(1, 200, 5), rng.integers(1, 200, 3)], [np.zeros(5, np.float32), np.zeros(3, np.float32)],
+                           np.array([1.0, -1.0]), 0, 6)
+    batch["ref_logp"] = np.zeros_like(batch["old_logp"])
+    _, _, aux = rl_loss(model.params, batch, cfg=model.cfg, temperature=0.7, clip_low=0.2, clip_high=0.28,
+                        kl_coef=0.1, aggregation="token_mean", max_tokens=8)
+    logits, _ = forward(model.params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]), cfg=model.cfg)
+    start = batch["tokens"].shape[1] - batch["loss_mask"].shape[1]
+    z = np.asarray(logits, np.float64)[:, start - 1:-1] / 0.7
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(-1)
+    mask = batch["loss_mask"]
+    total, count = aux["entropy"]
+    assert float(count) == 8
+    np.testing.assert_allclose(float(total) / float(count), (entropy * mask).sum() / mask.sum(), rtol=1e-5)
 
 
 def test_k3_kl_and_aggregations_by_hand():
@@ -213,3 +284,47 @@ def test_rollouts_on_their_own_mesh_sample_the_current_weights(mini_run, monkeyp
     with pytest.raises(UserError, match=r"rl\.rollout_mesh\.devices: 9 requested"):
         run_rl(load_config(mini_run, ["run_dir=" + str(config.run_path.parent / "other"), "mesh.devices=2",
                                       "rl.rollout_mesh.devices=9"]))
+
+
+PLUGIN = '''
+import jax.numpy as jnp
+
+from dalign_jax.rl.advantages import register
+
+
+@register("test_fixed")
+def fixed(rewards, valid=None):
+    """Advantages that ignore the rewards (the tiny model's completions never parse: all are equal)."""
+    return jnp.broadcast_to(jnp.array([1.0, -1.0, 0.5, -0.5]), rewards.shape)
+'''
+
+
+def test_a_plugin_module_registers_an_estimator_the_rl_stage_uses(mini_run, tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "my_estimators.py").write_text(PLUGIN)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(UserError, match=r"rl\.advantage: 'test_fixed' is not registered"):
+        load_config(mini_run, ["rl.advantage=test_fixed"])
+    with pytest.raises(UserError, match=r"plugins: 'nowhere\.py' could not be imported"):
+        load_config(mini_run, ["plugins=[nowhere.py]"])
+    with pytest.raises(UserError, match=r"plugins: 'no_such_module' could not be imported: ModuleNotFoundError"):
+        load_config(mini_run, ["plugins=[no_such_module]"])
+    try:
+        load_config(mini_run, [f"plugins=[{tmp_path / 'my_estimators.py'}]", "rl.advantage=test_fixed"])
+        ADVANTAGES.pop("test_fixed")
+        monkeypatch.chdir(tmp_path)  # a dotted name is found from the working directory
+        overrides = ["plugins=[my_estimators]", "rl.advantage=test_fixed", "rl.importance_sampling=sequence",
+                     "rl.steps=2", "rl.prompts_per_step=1", "rl.group_size=4", "rl.max_new_tokens=8",
+                     "rl.train.learning_rate=1e-2", "rl.kl_coef=0.0", "mesh.devices=1"]
+        config = load_config(mini_run, overrides)
+        run_rl(config)
+    finally:
+        ADVANTAGES.pop("test_fixed", None)
+        sys.modules.pop("my_estimators", None)
+    rows = [json.loads(x) for x in (config.run_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["entropy"] > 0 and r["logprob_gap"] < 1e-4 for r in rows)
+    assert rows[1]["kl"] > 1e-4  # the plugin's advantages moved the policy
+    rollouts = [json.loads(x) for x in (config.run_path / "rl" / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["advantage"] for r in rollouts[:4]] == [1.0, -1.0, 0.5, -0.5]

@@ -157,6 +157,11 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(path, ["distill.samples_per_prompt=two"])
     with pytest.raises(UserError, match="config key judge.mode: expected one of"):
         load_config(path, ["judge.mode=vibes"])
+    # A section given in part keeps its parent's defaults for the rest: RL's optimiser is not SFT's.
+    rl_train = load_config(path, ["rl.train.learning_rate=3e-5"]).rl.train
+    assert (rl_train.learning_rate, rl_train.warmup_steps, rl_train.save_every) == (3e-5, 0, 10)
+    sft_train = load_config(path, ["sft.train.learning_rate=3e-5"]).sft.train
+    assert (sft_train.learning_rate, sft_train.warmup_steps, sft_train.save_every) == (3e-5, 10, 50)
     path.write_text("distill: [1, 2]\n")
     with pytest.raises(UserError, match="distill: expected a mapping"):
         load_config(path)

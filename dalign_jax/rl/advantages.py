@@ -42,6 +42,18 @@ def dr_grpo(rewards, valid=None):
     return (rewards - mean) * mask
 
 
+@register("grpo_batch_std")
+def grpo_batch_std(rewards, valid=None):
+    """(r - group mean) / (std of every counted reward of the step + eps): the group's baseline with
+    the step's spread, which does not inflate groups whose rewards barely differ (TRL's
+    `scale_rewards="batch"`)."""
+    mask, _, mean, _ = _group_stats(rewards, valid)
+    count = jnp.maximum(mask.sum(), 1.0)
+    batch_mean = (rewards * mask).sum() / count
+    std = jnp.sqrt((((rewards - batch_mean) * mask) ** 2).sum() / count)
+    return (rewards - mean) * mask / (std + STD_EPS)
+
+
 @register("rloo")
 def rloo(rewards, valid=None):
     """r_i - mean of the other n - 1 rewards of its group (REINFORCE leave-one-out; n counted

@@ -6,7 +6,7 @@ final answers; group advantages; one compiled update of the clipped objective wi
 the frozen starting model. The policy sees the conversation only, never the spec.
 
 Outputs in run_dir/rl: checkpoints/, metrics.jsonl and tensorboard/ (reward overall and per
-category, KL, clip fraction, response length, logprob gap), rollouts.jsonl (every completion with
+category, KL, clip fraction, entropy, response length, logprob gap), rollouts.jsonl (every completion with
 its reward), export/ (HF directory), summary.json (with the first and last steps' mean reward).
 """
 from __future__ import annotations
@@ -140,7 +140,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
     dtype = COMPUTE_DTYPES[train.compute_dtype]
     loss_fn = functools.partial(rl_loss, cfg=policy.cfg, temperature=rl.temperature, clip_low=rl.clip_low,
                                 clip_high=rl.clip_high, kl_coef=rl.kl_coef, aggregation=rl.aggregation,
-                                max_tokens=rl.max_new_tokens, compute_dtype=dtype, remat=train.remat)
+                                max_tokens=rl.max_new_tokens, importance=rl.importance_sampling, compute_dtype=dtype,
+                                remat=train.remat)
     trainable = Trainable(policy.params, LoraConfig.from_train(train), mesh, config.seed)
     # The KL reference is the starting policy, frozen: with LoRA that is the base the adapters sit on.
     reference = shard_params(policy.params, mesh) if trainable.lora is None else trainable.frozen
@@ -196,7 +197,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
         rollout_rows += [{"step": done, "prompt_id": r.prompt.id, "category": r.prompt.category, "status": r.status,
                           "reward": float(v), "advantage": float(a), "completion": r.text}
                          for r, v, a in zip(rollouts, rewards, advantages)]
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}",
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}", entropy=f"{metrics['entropy']:.2f}",
                         gap=f"{metrics['logprob_gap']:.1e}")
         if done % train.save_every == 0 or done == rl.steps:
             if jax.process_index() == 0:

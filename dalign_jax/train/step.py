@@ -30,13 +30,14 @@ class TrainState(NamedTuple):
 
 
 def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False,
-                   temperature: float = 1.0, segments=None, targets_from: int = 1):
+                   temperature: float = 1.0, segments=None, targets_from: int = 1, with_entropy: bool = False):
     """log p(tokens[:, t] | tokens[:, :t]) for every t from `targets_from` on: [batch, time - targets_from],
     float32, under the distribution with the logits divided by `temperature` (RL scores what the sampler
     drew from). Only the columns that predict those targets are projected onto the vocabulary.
 
     Master weights stay float32; with a lower compute dtype they are cast inside the step, so their
-    gradients come back in float32. `segments`: rows packed with several sequences (see `forward`)."""
+    gradients come back in float32. `segments`: rows packed with several sequences (see `forward`).
+    `with_entropy`: also each column's entropy of that distribution, as a metric (no gradient)."""
     if compute_dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
     logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat, segments=segments,
@@ -46,7 +47,12 @@ def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype
         logits = logits / temperature
     targets = tokens[:, targets_from:]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    if not with_entropy:
+        return picked - log_norm
+    fixed = jax.lax.stop_gradient(logits)
+    entropy = jax.lax.stop_gradient(log_norm) - (jax.nn.softmax(fixed, axis=-1) * fixed).sum(axis=-1)
+    return picked - log_norm, entropy
 
 
 def sft_loss(params, batch, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False):
