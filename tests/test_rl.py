@@ -17,7 +17,7 @@ from dalign_jax.parallel.mesh import make_mesh, shard_params
 from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import AGGREGATIONS, clipped_policy_loss, importance_log_ratio, kl_k3, rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
-from dalign_jax.stages.rl import run_rl, training_batch
+from dalign_jax.stages.rl import run_rl, training_batch, zero_spread_share
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
 from dalign_jax.train.step import compile_train_step, device_batch, init_state
 
@@ -45,6 +45,13 @@ def test_batch_scaled_advantages_by_hand():
     np.testing.assert_allclose(ADVANTAGES["grpo_batch_std"](rewards, counted),
                                [[(1 / 3) / (std + 1e-4), (-2 / 3) / (std + 1e-4), 0, (1 / 3) / (std + 1e-4)],
                                 [0, 0, 0, 0]], rtol=1e-5, atol=1e-7)
+
+
+def test_zero_spread_share_counts_groups_that_teach_nothing():
+    rewards = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
+    counted = np.array([True] * 4 + [False, True, True, True] + [True, True, False, False])
+    # Equal; equal once the uncounted one is left out; different.
+    assert zero_spread_share(rewards, counted, 4) == 2 / 3
 
 
 def test_masked_completions_leave_the_group_statistics():
@@ -252,7 +259,8 @@ def test_rl_stage_runs_resumes_and_logs(mini_run):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        assert {"reward", "kl", "clip_fraction", "response_tokens", "logprob_gap", "loss"} <= set(r)
+        assert {"reward", "kl", "clip_fraction", "response_tokens", "logprob_gap", "loss", "entropy"} <= set(r)
+        assert r["zero_std_groups"] in (0.0, 0.5, 1.0)
         assert r["logprob_gap"] < 1e-4  # the sampler and the trainer agree on the current weights
     assert summary["complete"] and summary["start_reward"] is not None
     rollouts = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]

@@ -6,7 +6,8 @@ final answers; group advantages; one compiled update of the clipped objective wi
 the frozen starting model. The policy sees the conversation only, never the spec.
 
 Outputs in run_dir/rl: checkpoints/, metrics.jsonl and tensorboard/ (reward overall and per
-category, KL, clip fraction, entropy, response length, logprob gap), rollouts.jsonl (every completion with
+category, the share of groups with equal rewards, KL, clip fraction, entropy, response length,
+logprob gap), rollouts.jsonl (every completion with
 its reward), export/ (HF directory), summary.json (with the first and last steps' mean reward).
 """
 from __future__ import annotations
@@ -74,6 +75,14 @@ def training_batch(prompts: list[list[int]], completions: list[np.ndarray], logp
         batch["loss_mask"][i, :len(c)] = 1 if counted is None else int(counted[i])
         batch["old_logp"][i, :len(c)] = lp
     return batch
+
+
+def zero_spread_share(rewards: np.ndarray, counted: np.ndarray, group: int) -> float:
+    """The share of groups whose counted rewards are all equal (TRL's `frac_reward_zero_std`): their
+    advantages are zero, so they teach nothing this step."""
+    spreads = [np.ptp(r[c]) if c.sum() > 1 else 0.0
+               for r, c in zip(rewards.reshape(-1, group), counted.reshape(-1, group))]
+    return float(np.mean([s == 0 for s in spreads]))
 
 
 def per_category(rollouts: list[Rollout], rewards: np.ndarray) -> dict[str, float]:
@@ -186,7 +195,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
             if update == 0:  # the sampler's weights: the gap must be near zero here
                 gap = metrics["logprob_gap"]
         metrics["logprob_gap"] = gap
-        metrics.update(reward=float(rewards.mean()), malformed=float(np.mean([r.status != "ok" for r in rollouts])),
+        metrics.update(reward=float(rewards.mean()), zero_std_groups=zero_spread_share(rewards, counted, rl.group_size),
+                       malformed=float(np.mean([r.status != "ok" for r in rollouts])),
                        truncated=float(np.mean([r.status == "truncated" for r in rollouts])),
                        response_tokens=float(np.mean([r.num_tokens for r in rollouts])),
                        rollout_s=sampled_s, reward_s=judged_s, step_s=time.perf_counter() - started,
