@@ -65,7 +65,8 @@ def cmd_generate(args) -> int:
                      else _read_prompts(Path(args.prompts_file)))
     if args.system:
         conversations = [[{"role": "system", "content": args.system}] + c for c in conversations]
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              min_p=args.min_p)
     mesh = _mesh(args.mesh)
     print(f"loading {args.model} ...", file=sys.stderr)
     model = load_model(args.model)
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes; -1 takes the remaining devices")
     gen.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")

@@ -85,6 +85,7 @@ class Distill:
     temperature: float = 0.8
     top_k: int = 0
     top_p: float = 0.95
+    min_p: float = 0.0
     batch_size: int = 16  # prompts per sampler call (times samples_per_prompt rows)
     shard_size: int = 32  # prompts per output shard: the unit of resume
 
@@ -165,6 +166,7 @@ class RL:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     # Reward name -> weight (names registered in dalign_jax/rl/rewards.py): judge (the spec-aware judge
     # on the final answer only), helpfulness (judge rubric for prompts expected to be complied with),
     # length (minus the completion's share of max_new_tokens).
@@ -404,7 +406,7 @@ def _check_registered(config: Config, source: str) -> None:
 RANGES = {
     "judge.threshold": (0.0, 1.0), "judge.runs": (1, None), "judge.best_of_n": (1, None),
     "distill.samples_per_prompt": (1, None), "distill.cot_sentences": (0, None), "distill.temperature": (0.0, None),
-    "distill.top_p": (0.0, 1.0),
+    "distill.top_p": (0.0, 1.0), "distill.min_p": (0.0, 1.0), "rl.top_p": (0.0, 1.0), "rl.min_p": (0.0, 1.0),
     "sft.heldout_fraction": (0.0, 0.9), "sft.capability_ratio": (0.0, 0.9), "sft.batch_size": (1, None),
     "sft.max_seq_len": (8, None), "sft.train.grad_accum": (1, None), "sft.train.learning_rate": (0.0, None),
     "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),

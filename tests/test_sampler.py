@@ -106,6 +106,11 @@ def test_top_k_and_top_p_filters():
     np.testing.assert_allclose(np.bincount(np.asarray(cold), minlength=4) / 2000, expected, atol=0.04)
     both, _ = select_tokens(logits, keys, SamplingParams(temperature=1.0, top_k=3, top_p=0.6))
     assert set(np.asarray(both).tolist()) == {0, 1}  # top-k keeps 3 (mass 0.95), top-p 0.6 of that: 2
+    # min-p 0.25: tokens at least 0.125 likely (a quarter of 0.5); 0.15 / 0.95 of the mass is the third's.
+    floor, _ = select_tokens(logits, keys, SamplingParams(temperature=1.0, min_p=0.25))
+    np.testing.assert_allclose(np.bincount(np.asarray(floor), minlength=4) / 2000,
+                               np.array([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.04)
+    assert set(np.asarray(select_tokens(logits, keys, SamplingParams(temperature=1.0, min_p=0.5))[0]).tolist()) == {0, 1}
 
 
 def test_shapes_are_bucketed_and_compilations_counted(model):

@@ -33,14 +33,17 @@ NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    """temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch those filters off. min_p keeps
+    the tokens at least min_p times as likely as the likeliest (after top-k and top-p, as in
+    transformers' and vLLM's samplers)."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1:
             raise UserError(f"sampling: invalid settings {self}")
 
 
@@ -162,7 +165,7 @@ def batch_bucket(n: int, mesh: Mesh) -> int:
 
 def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """Next token per row and its log-probability under the temperature-scaled distribution
-    (before top-k/top-p truncation, which is what an RL trainer recomputes from its own forward).
+    (before top-k/top-p/min-p truncation, which is what an RL trainer recomputes from its own forward).
 
     Sampling is by inverse CDF (one uniform per row) rather than Gumbel noise over the vocabulary,
     which costs two logarithms per vocabulary entry per row.
@@ -182,6 +185,8 @@ def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> tup
             nucleus = _largest_threshold(
                 order, lambda t: jnp.sum(jnp.where(order >= t, probs, 0.0), axis=-1, keepdims=True) >= sp.top_p * total)
             probs = jnp.where(order >= nucleus, probs, 0.0)
+        if sp.min_p > 0.0:
+            probs = jnp.where(probs >= sp.min_p * jnp.max(probs, axis=-1, keepdims=True), probs, 0.0)
         cdf = jnp.cumsum(probs, axis=-1)
         u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # in (0, 1]: a zero-probability token is never hit
         token = jnp.minimum(jnp.sum(cdf < u[:, None] * cdf[:, -1:], axis=-1), logits.shape[-1] - 1)
