@@ -7,8 +7,8 @@ the frozen starting model. The policy sees the conversation only, never the spec
 
 Outputs in run_dir/rl: checkpoints/, metrics.jsonl and tensorboard/ (reward overall and per
 category, the share of groups with equal rewards, KL, clip fraction, entropy, response length,
-logprob gap), rollouts.jsonl (every completion with
-its reward), export/ (HF directory), summary.json (with the first and last steps' mean reward).
+logprob gap), rollouts.jsonl (every completion with its reward), export/ (HF directory),
+summary.json (with the first and last steps' mean reward).
 """
 from __future__ import annotations
 
