@@ -143,6 +143,18 @@ STAGE_HELP = {
 }
 
 
+def cmd_config(args) -> int:
+    """Print the configuration a stage would run with: the file, the overrides and every default,
+    as YAML that `dalign` reads back unchanged."""
+    import yaml
+
+    from dalign_jax.config import config_to_dict, load_config
+
+    config = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False), end="")
+    return 0
+
+
 def cmd_stage(args) -> int:
     from dalign_jax.config import load_config
 
@@ -184,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--spec-dir", default="specs")
     spec.add_argument("--model", default="smollm2-135m", help="tokenizer for the token count ('' for none)")
     spec.set_defaults(func=cmd_spec)
+
+    show = sub.add_parser("config", help="print the resolved config (file, overrides and defaults) as YAML")
+    show.add_argument("config", help="YAML config (see configs/)")
+    show.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prompts.limit=8")
+    show.set_defaults(func=cmd_config)
 
     for name, text in STAGE_HELP.items():
         stage = sub.add_parser(name, help=text)

@@ -114,11 +114,18 @@ def test_generate_and_export_run_without_pytorch(tiny_chat_model, tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_load(path):
+def test_shipped_configs_load(path, tmp_path, capsys):
     from dalign_jax.config import load_config
 
     config = load_config(path)
     assert config.run_dir.startswith("runs/")
+    # `dalign config` prints every key; what it prints reads back as the same configuration.
+    assert main(["config", str(path), "rl.train.learning_rate=3e-5"]) == 0
+    printed = tmp_path / "resolved.yaml"
+    printed.write_text(capsys.readouterr().out)
+    resolved = load_config(printed)
+    assert resolved == load_config(path, ["rl.train.learning_rate=3e-5"])
+    assert resolved.rl.train.learning_rate == 3e-5 and "warmup_steps: " in printed.read_text()
 
 
 def test_generation_config_names_stop_tokens_and_survives_export(tiny_chat_model, tmp_path):
