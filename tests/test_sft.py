@@ -62,6 +62,29 @@ def test_loss_mask_covers_the_completion_only(tiny_chat_model):
     assert example["loss_mask"][-1] == 1 and example["loss_mask"][0] == 0
 
 
+TURN_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def test_every_assistant_turn_is_trained_through_its_end_of_turn(tiny_chat_model):
+    from conftest import add_byte_tokenizer
+
+    tokenizer = load_model(str(add_byte_tokenizer(tiny_chat_model, TURN_TEMPLATE))).tokenizer
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour"},
+                {"role": "assistant", "content": "Blue."}]
+    example = tokenize_conversation(tokenizer, messages, 512, stops=[tokenizer.eos_token_id])
+    tokens, mask = example["tokens"], example["loss_mask"].astype(bool)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    spans = [tokenizer.decode(tokens[a:b]) for a, b in zip(edges[::2], edges[1::2])]
+    # Both answers, each with its end of turn; no header, no user or system text.
+    assert spans == ["Hello!</s>", "Blue.</s>\n"]
+    # Without a stop token the earlier turn is its text alone; the last turn as before.
+    plain = tokenize_conversation(tokenizer, messages, 512)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], plain["loss_mask"], [0]])))
+    assert [tokenizer.decode(tokens[a:b]) for a, b in zip(edges[::2], edges[1::2])] == ["Hello!", "Blue.</s>\n"]
+
+
 def test_pipeline_is_seeded_resumable_and_split_over_processes(sft_data, tiny_chat_model):
     tokenizer = load_model(str(tiny_chat_model)).tokenizer
     source = ConversationSource(sft_data)

@@ -1,5 +1,5 @@
 """The SFT data pipeline: conversations (no spec in them) -> chat template -> tokens with the loss on
-the assistant's completion only -> batches padded to a few length buckets, or packed several to a row,
+the assistant's turns only -> batches padded to a few length buckets, or packed several to a row,
 streamed by grain.
 
 Records are `{"id", "messages": [..., {"role": "assistant", ...}]}` in ArrayRecord (what the judge
@@ -94,13 +94,31 @@ def split_indices(source: ConversationSource, fraction: float) -> tuple[list[int
     return train, heldout
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> dict[str, np.ndarray]:
-    """tokens [n] and loss_mask [n]: 1 on the last assistant turn (its text and the template's end of
-    turn, so the model learns to stop), 0 on everything before it."""
+def tokenize_conversation(tokenizer, messages: list[dict], max_len: int,
+                          stops: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """tokens [n] and loss_mask [n]: 1 on every assistant turn, 0 on the rest (system and user turns,
+    role headers), as TRL's `assistant_only_loss`. The last turn counts with everything the template
+    writes after it; an earlier one with the template's tokens after it through the first of `stops`
+    (its end-of-turn token), so the model learns to stop there too, and not the next turn's header."""
     ids, owner = encode_conversation(tokenizer, messages, add_generation_prompt=False)
+    mask = np.zeros(len(ids), bool)
+    stops = set(stops)
     last = len(messages) - 1
-    first = owner.index(last) if last in owner else len(ids)
-    mask = np.arange(len(ids)) >= first
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant" or turn not in owner:
+            continue
+        start = owner.index(turn)
+        end = len(owner) - owner[::-1].index(turn)
+        if turn == last:
+            end = len(ids)
+        else:
+            after = end
+            while after < len(ids) and owner[after] == -1:
+                if ids[after] in stops:
+                    end = after + 1
+                    break
+                after += 1
+        mask[start:end] = True
     return {"tokens": np.asarray(ids[:max_len], np.int32), "loss_mask": mask[:max_len].astype(np.int32)}
 
 
@@ -143,7 +161,7 @@ def packed_row(example: dict, pad_id: int) -> dict[str, np.ndarray]:
 def batches(source: ConversationSource, indices: Sequence[int], tokenizer, *, global_batch: int, max_len: int,
             seed: int, num_batches: int | None, process_index: int = 0, process_count: int = 1,
             capability: tuple[ConversationSource, float] | None = None, packing: bool = False,
-            num_examples: int | None = None) -> grain.MapDataset | grain.IterDataset:
+            num_examples: int | None = None, stops: Sequence[int] = ()) -> grain.MapDataset | grain.IterDataset:
     """`num_batches` batches of this process's rows of each global batch, shuffled afresh every epoch.
 
     `capability`: (source, ratio) mixes that share of plain helpful conversations into the stream.
@@ -151,6 +169,7 @@ def batches(source: ConversationSource, indices: Sequence[int], tokenizer, *, gl
     packer over `PACKING_BINS` rows at a time) instead of one example padded to a bucket; the stream
     then ends after `num_examples` examples (None: it does not end, and the caller takes what it
     needs), and `num_batches` is not used. `count_batches` says how many batches such a stream holds.
+    `stops`: the model's end-of-turn tokens (see `tokenize_conversation`).
     """
     if global_batch % process_count:
         raise UserError(f"sft.batch_size x train.grad_accum = {global_batch} must divide over {process_count} processes")
@@ -177,13 +196,13 @@ def batches(source: ConversationSource, indices: Sequence[int], tokenizer, *, gl
         if num_examples is not None:
             ds = ds.slice(slice(0, num_examples))
         packed = grain.experimental.FirstFitPackIterDataset(
-            ds.map(lambda r: tokenize_conversation(tokenizer, r["messages"], max_len)).to_iter_dataset(),
+            ds.map(lambda r: tokenize_conversation(tokenizer, r["messages"], max_len, stops)).to_iter_dataset(),
             length_struct={"tokens": max_len, "loss_mask": max_len}, num_packing_bins=max(global_batch, PACKING_BINS),
             shuffle_bins=False)
         return (packed.map(lambda e: packed_row(e, pad_id))
                 .batch(global_batch, drop_remainder=True)
                 .map(lambda b: {k: v[rows] for k, v in b.items()}))
     return (ds.slice(slice(0, needed))
-            .map(lambda r: tokenize_conversation(tokenizer, r["messages"], max_len))
+            .map(lambda r: tokenize_conversation(tokenizer, r["messages"], max_len, stops))
             .batch(global_batch, drop_remainder=True, batch_fn=lambda xs: collate(xs, buckets, pad_id))
             .map(lambda b: {k: v[rows] for k, v in b.items()}))

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from dalign_jax.config import Config, Train
 from dalign_jax.data.sft_data import (ConversationSource, batches, collate, count_batches, length_buckets,
                                       split_indices, tokenize_conversation)
+from dalign_jax.engine.chat import stop_token_ids
 from dalign_jax.errors import UserError
 from dalign_jax.parallel.mesh import batch_size_multiple
 from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, open_mesh, section,
@@ -55,8 +56,8 @@ def sft_data_path(config: Config) -> Path:
 class HeldoutLoss:
     """Mean completion-token loss over the held-out examples, in padded batches of fixed row count."""
 
-    def __init__(self, source, indices, tokenizer, rows: int, max_len: int, evaluate, mesh):
-        examples = [tokenize_conversation(tokenizer, source[i]["messages"], max_len) for i in indices]
+    def __init__(self, source, indices, tokenizer, rows: int, max_len: int, evaluate, mesh, stops=()):
+        examples = [tokenize_conversation(tokenizer, source[i]["messages"], max_len, stops) for i in indices]
         blank = {"tokens": np.zeros(1, np.int32), "loss_mask": np.zeros(1, np.int32)}  # weight 0
         pad_id = tokenizer.pad_token_id or 0
         buckets = length_buckets(max_len)
@@ -116,10 +117,11 @@ def run_sft(config: Config, force: bool = False) -> dict:
     train = config.sft.train
     capability = ((ConversationSource(config.sft.capability_data), config.sft.capability_ratio)
                   if config.sft.capability_data else None)
+    stops = stop_token_ids(model)  # each assistant turn's loss runs through its end-of-turn token
     make_stream = functools.partial(
         batches, source, train_idx, model.tokenizer, global_batch=rows * accum, max_len=config.sft.max_seq_len,
         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-        capability=capability, packing=config.sft.packing)
+        capability=capability, packing=config.sft.packing, stops=stops)
     if config.sft.packing and not config.sft.steps:
         # `epochs` passes over the examples (and the capability share beside them): how many packed
         # batches that makes is known only by packing them.
@@ -150,7 +152,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
     step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable,
                                  shard_optimizer=train.shard_optimizer)
     heldout = HeldoutLoss(source, heldout_idx, model.tokenizer, rows, config.sft.max_seq_len,
-                          compile_eval_loss(loss_fn, trainable.param_sharding, mesh), mesh)
+                          compile_eval_loss(loss_fn, trainable.param_sharding, mesh), mesh, stops)
     log = MetricsLog(out, start, enabled=jax.process_index() == 0)
     if start == 0:
         log.log(0, {"eval_loss": heldout(trainable.full_params(state.params))})
