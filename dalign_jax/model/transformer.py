@@ -141,7 +141,10 @@ def _attend(q, blocks, rule: ScoreRule):
     for k, _, mask in blocks:
         spec = "bkgtd,ksd->bkgts" if k.ndim == 3 else "bkgtd,bksd->bkgts"
         s = softcap(jnp.einsum(spec, q, k.astype(jnp.float32)), rule.cap)
-        scores.append(jnp.where(mask, s, -1e30))
+        # Masked as an added -1e30 (which absorbs any score in float32: the same values as a select),
+        # built on the mask's shape, without the head axes: on a CPU the select over the whole score
+        # tile cost more (judge prefill 3-5% slower).
+        scores.append(s + jnp.where(mask, 0.0, -1e30))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
     for (k, v, _), s in zip(blocks, scores):
