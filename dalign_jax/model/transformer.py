@@ -141,9 +141,9 @@ def _attend(q, blocks, rule: ScoreRule):
     for k, _, mask in blocks:
         spec = "bkgtd,ksd->bkgts" if k.ndim == 3 else "bkgtd,bksd->bkgts"
         s = softcap(jnp.einsum(spec, q, k.astype(jnp.float32)), rule.cap)
-        # Masked as an added -1e30 (which absorbs any score in float32: the same values as a select),
-        # built on the mask's shape, without the head axes: on a CPU the select over the whole score
-        # tile cost more (judge prefill 3-5% slower).
+        # Masked by adding -1e30, built on the mask's shape without the head axes (in float32,
+        # -1e30 + s is -1e30 for any |s| below 1e22: the values a select gives); on a CPU a select
+        # over the whole score tile cost more (judge prefill 3-5% slower).
         scores.append(s + jnp.where(mask, 0.0, -1e30))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
