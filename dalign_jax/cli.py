@@ -165,6 +165,11 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prompts.limit=8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalign", description="Deliberative Alignment in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,14 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     spec.set_defaults(func=cmd_spec)
 
     show = sub.add_parser("config", help="print the resolved config (file, overrides and defaults) as YAML")
-    show.add_argument("config", help="YAML config (see configs/)")
-    show.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prompts.limit=8")
+    _add_config_arguments(show)
     show.set_defaults(func=cmd_config)
 
     for name, text in STAGE_HELP.items():
         stage = sub.add_parser(name, help=text)
-        stage.add_argument("config", help="YAML config (see configs/)")
-        stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prompts.limit=8")
+        _add_config_arguments(stage)
         stage.add_argument("--force", action="store_true", help="start the stage over despite changed inputs")
         stage.set_defaults(func=cmd_stage)
     return parser

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
 import typing
 from pathlib import Path
 from typing import Literal, Optional
@@ -354,12 +359,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def import_plugins(names: list[str], source: str) -> None:
     """Import each plugin module once: a dotted module name (the working directory is searched first,
     as `python -m` does) or the path of a .py file."""
-    import hashlib
-    import importlib
-    import importlib.util
-    import os
-    import sys
-
     for name in names:
         try:
             if name.endswith(".py"):

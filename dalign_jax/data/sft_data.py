@@ -104,11 +104,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int,
     mask = np.zeros(len(ids), bool)
     stops = set(stops)
     last = len(messages) - 1
+    owners = np.asarray(owner)
     for turn, message in enumerate(messages):
-        if message["role"] != "assistant" or turn not in owner:
+        own = np.flatnonzero(owners == turn) if message["role"] == "assistant" else ()
+        if not len(own):
             continue
-        start = owner.index(turn)
-        end = len(owner) - owner[::-1].index(turn)
+        start, end = int(own[0]), int(own[-1]) + 1
         if turn == last:
             end = len(ids)
         else:

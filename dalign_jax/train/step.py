@@ -50,8 +50,8 @@ def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype
     log_norm = jax.nn.logsumexp(logits, axis=-1)
     if not with_entropy:
         return picked - log_norm
-    fixed = jax.lax.stop_gradient(logits)
-    entropy = jax.lax.stop_gradient(log_norm) - (jax.nn.softmax(fixed, axis=-1) * fixed).sum(axis=-1)
+    fixed, fixed_norm = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(log_norm)
+    entropy = fixed_norm - (jnp.exp(fixed - fixed_norm[..., None]) * fixed).sum(axis=-1)
     return picked - log_norm, entropy
 
 
