@@ -201,6 +201,29 @@ def test_sft_loss_matches_pytorch(tiny_models, tiny_chat_model):
     np.testing.assert_allclose(float(loss_sum / count), float(out.loss), rtol=1e-5)
 
 
+def test_sft_gradients_match_pytorch(tiny_models, tiny_chat_model):
+    """The gradient of every weight equals PyTorch's backward pass through the HF model (the
+    projections' weight gradients are contracted by hand, `transformer.linear`)."""
+    import torch
+
+    from dalign_jax.model.families import params_to_hf
+
+    model = load_model(str(tiny_chat_model))
+    local = _batch(model.tokenizer, conversations(3))
+    grads = jax.jit(jax.grad(lambda p: (lambda s, n, _: s / n)(*sft_loss(p, local, cfg=model.cfg))))(model.params)
+    ours = params_to_hf(jax.device_get(grads), model.cfg)
+    hf = tiny_models["llama2"][1]
+    hf.zero_grad()
+    labels = np.where((local["loss_mask"] == 1) & (local["positions"] >= 0), local["tokens"], -100)
+    hf(input_ids=torch.tensor(local["tokens"], dtype=torch.long),
+       attention_mask=torch.tensor(local["positions"] >= 0, dtype=torch.long),
+       labels=torch.tensor(labels, dtype=torch.long)).loss.backward()
+    reference = {name: p.grad.numpy() for name, p in hf.named_parameters()}
+    assert set(ours) == set(reference)
+    for name, g in reference.items():
+        np.testing.assert_allclose(ours[name], g, rtol=1e-4, atol=1e-6 * np.abs(g).max(), err_msg=name)
+
+
 def _one_step(model, local, mesh, accum, shard_optimizer=False):
     train = Train(learning_rate=1e-3, warmup_steps=0, grad_accum=accum)
     optimizer = make_optimizer(train, 4)

@@ -41,8 +41,7 @@ def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype
     if compute_dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
     logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat, segments=segments,
-                        logits_from=targets_from - 1)
-    logits = logits[:, :-1]
+                        logits_from=targets_from - 1, logits_to=-1)
     if temperature != 1.0:
         logits = logits / temperature
     targets = tokens[:, targets_from:]
