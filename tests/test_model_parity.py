@@ -6,7 +6,7 @@ import pytest
 from conftest import FAMILIES, hf_logits, padded_batch
 from dalign_jax.model.hf_io import export_hf
 from dalign_jax.model.loader import load_model
-from dalign_jax.model.transformer import forward
+from dalign_jax.model.transformer import KVCache, forward
 
 
 def our_logits(model, tokens, positions):
@@ -23,6 +23,24 @@ def test_logits_match_transformers_on_padded_batch(tiny_models, family):
     ref = hf_logits(torch_model, tokens, mask)
     real = mask.astype(bool)
     assert np.abs(ours[real] - ref[real]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_last_only_equals_the_full_pass_last_column(tiny_models, family):
+    """`last_only` runs the last layer for the last token alone; its logits, and the cache a prefill
+    writes with it, are those of the full pass."""
+    model = load_model(str(tiny_models[family][0]))
+    tokens, _, positions = padded_batch(model.cfg.vocab_size, [11, 7, 3, 11], seed=2)
+    run = jax.jit(forward, static_argnames=("cfg", "last_only", "fresh_cache"))
+    full = our_logits(model, tokens, positions)
+    last, _ = run(model.params, tokens, positions, cfg=model.cfg, last_only=True)
+    np.testing.assert_allclose(np.asarray(last)[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    empty = KVCache.empty(model.cfg, tokens.shape[0], tokens.shape[1] + 4)
+    last, cache = run(model.params, tokens, positions, empty, cfg=model.cfg, last_only=True, fresh_cache=True)
+    full, full_cache = run(model.params, tokens, positions, empty, cfg=model.cfg, fresh_cache=True)
+    np.testing.assert_allclose(np.asarray(last)[:, 0], np.asarray(full)[:, -1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(full_cache)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_family_features_are_read_from_config(tiny_models):

@@ -124,8 +124,14 @@ def main():
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                  dtype=torch.float32).eval()
     peer_s = peer_prefill(hf_model, batches, model.tokenizer.pad_token_id or 0)
-    flops_per_token = 2 * (model.cfg.num_params - model.cfg.vocab_size * model.cfg.hidden_size)
-    mfu = tokens / ours_s * flops_per_token / ceiling
+    # The matmul FLOPs done: every layer for every token, except that the last layer makes only its keys
+    # and values for all but each input's last token (`forward(last_only=True)`); the vocabulary
+    # projection of one token per input is left out, as before.
+    layer_params = [sum(int(x.size) for x in jax.tree.leaves(lp)) for lp in model.params["layers"]]
+    last_kv = model.params["layers"][-1]["wk"].size + model.params["layers"][-1]["wv"].size
+    flops = 2 * (tokens * (sum(layer_params) - layer_params[-1] + last_kv)
+                 + len(inputs) * (layer_params[-1] - last_kv))
+    mfu = flops / ours_s / ceiling
     print(f"judge prefill: {len(inputs)} inputs, {tokens} tokens (mean {tokens / len(inputs):.0f})")
 
     # Prefix caching: one category, a spec of at least 2,000 tokens.

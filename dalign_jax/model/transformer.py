@@ -261,51 +261,60 @@ def _attend_by_row(q, k, v, mask, prefix_blocks, rule: ScoreRule, shards: int):
     return jnp.swapaxes(out, 0, 1).reshape((b,) + out.shape[2:])
 
 
-def _layer(cfg: ModelConfig, inv_freq, batch_shards: int | None, x, positions, lp, mask, cache_kv, prefix_kv, fresh):
+def _layer(cfg: ModelConfig, inv_freq, batch_shards: int | None, x, positions, lp, mask, cache_kv, prefix_kv, fresh,
+           last_row=False):
     """One decoder block; returns the new residual stream and this layer's keys and values (the
     cache with the new tokens written in, or the new tokens' own when there is no cache).
 
     `prefix_kv` is (k, v, mask) of a shared prefix, or None. `fresh`: the cache held nothing before
-    these tokens, so they attend to themselves (and the prefix) only, in causal chunks.
+    these tokens, so they attend to themselves (and the prefix) only, in causal chunks. `last_row`: only
+    the last token's output is wanted (the last layer under `forward(last_only=True)`): every token's
+    keys and values are still made, but only the last token queries them and goes through the MLP.
     """
     b, t, _ = x.shape
+    tq = 1 if last_row else t  # the tokens whose outputs are computed
     dtype = x.dtype
     h = _norm(cfg, x, lp["attn_norm"])
-    q = linear(h, lp["wq"].astype(dtype))
+    q = linear(h[:, t - tq:], lp["wq"].astype(dtype))
     k = linear(h, lp["wk"].astype(dtype))
     v = linear(h, lp["wv"].astype(dtype))
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    q = q.reshape(b, tq, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = _norm(cfg, q, lp["q_norm"])
         k = _norm(cfg, k, lp["k_norm"])
-    q = apply_rope(q, positions, inv_freq)
+    q = apply_rope(q, positions[:, t - tq:], inv_freq)
     k = apply_rope(k, positions, inv_freq)
     group = cfg.num_heads // cfg.num_kv_heads
     # [b, t, kv*group, hd] -> [b, kv, group, t, hd]: the query rows of one KV head side by side.
-    q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(b, tq, cfg.num_kv_heads, group, cfg.head_dim).transpose(0, 2, 3, 1, 4)
     k = k.transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
     prefix_blocks = [prefix_kv] if prefix_kv is not None else []
+    if last_row:
+        mask = mask[..., -1:, :]
+        prefix_blocks = [(pk, pv, pm[..., -1:, :]) for pk, pv, pm in prefix_blocks]
     fused = cfg.attention == "fused" and cfg.attn_softcap is None
     rule = ScoreRule.of(cfg)
     if cache_kv is None or fresh:
-        attn = (_attend_fused(q, prefix_blocks + [(k, v, mask)], rule) if fused
-                else _attend_causal(q, k, v, mask, prefix_blocks, rule, batch_shards))
+        if fused or last_row:
+            attn = (_attend_fused if fused else _attend)(q, prefix_blocks + [(k, v, mask)], rule)
+        else:
+            attn = _attend_causal(q, k, v, mask, prefix_blocks, rule, batch_shards)
     if cache_kv is not None:
         ck, cv, index = cache_kv
         k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
         v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
         if not fresh:
             attn = (_attend_fused if fused else _attend)(q, prefix_blocks + [(k, v, mask)], rule)
-    attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, tq, cfg.num_heads * cfg.head_dim)
     out = linear(attn.astype(dtype), lp["wo"].astype(dtype))
     if cfg.out_bias:
         out = out + lp["bo"]
-    x = x + (_norm(cfg, out, lp["post_attn_norm"]) if cfg.post_norms else out)
+    x = x[:, t - tq:] + (_norm(cfg, out, lp["post_attn_norm"]) if cfg.post_norms else out)
     h = _norm(cfg, x, lp["mlp_norm"])
     gate = _ACTIVATIONS[cfg.activation](linear(h, lp["w_gate"].astype(dtype)))
     out = linear(gate * linear(h, lp["w_up"].astype(dtype)), lp["w_down"].astype(dtype))
@@ -377,13 +386,14 @@ def forward(
     for rope in {cfg.layer_rope(i) for i in range(cfg.num_layers)}:
         layers[rope] = functools.partial(_layer, cfg, rope_inv_freq(rope, cfg.head_dim), batch_shards)
         if remat:
-            layers[rope] = jax.checkpoint(layers[rope], static_argnums=(6,))  # argument 6: `fresh`, a Python bool
+            layers[rope] = jax.checkpoint(layers[rope], static_argnums=(6, 7))  # `fresh`, `last_row`: Python bools
     new_k, new_v = [], []
     for i, lp in enumerate(params["layers"]):
         window = cfg.layer_window(i)
         cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
         prefix_kv = (cache.prefix_k[i], cache.prefix_v[i], prefix_masks[window]) if shared else None
-        x, k, v = layers[cfg.layer_rope(i)](x, positions, lp, masks[window], cache_kv, prefix_kv, fresh_cache)
+        last_row = last_only and i == cfg.num_layers - 1
+        x, k, v = layers[cfg.layer_rope(i)](x, positions, lp, masks[window], cache_kv, prefix_kv, fresh_cache, last_row)
         new_k.append(k)
         new_v.append(v)
     new_cache = None if cache is None else cache._replace(
