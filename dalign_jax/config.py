@@ -190,6 +190,11 @@ class RL:
     clip_low: float = 0.2  # PPO ratio clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.28
     kl_coef: float = 0.02  # k3 estimate of KL(policy || reference)
+    # The reference follows the policy (TRL's sync_ref_model, TR-DPO): after every `ref_sync_every`
+    # steps, reference <- ref_sync_mix * policy + (1 - ref_sync_mix) * reference. 0: the reference
+    # stays the starting policy.
+    ref_sync_every: int = 0
+    ref_sync_mix: float = 0.6
     updates_per_rollout: int = 1  # optimiser steps on each batch of rollouts (PPO epochs); above 1 the clip acts
     # The sampler's own mesh (data, fsdp, tensor, devices), as Tunix gives rollouts their own: null
     # samples on the training mesh. The weights are copied onto it before each rollout.
@@ -411,7 +416,8 @@ RANGES = {
     "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),
     "rl.train.grad_accum": (1, None), "rl.clip_low": (0.0, 1.0), "rl.clip_high": (0.0, None),
     "sft.train.lora_rank": (0, None), "rl.train.lora_rank": (0, None),
-    "rl.kl_coef": (0.0, None), "rl.updates_per_rollout": (1, None), "eval.max_new_tokens": (1, None), "eval.batch_size": (1, None),
+    "rl.kl_coef": (0.0, None), "rl.ref_sync_every": (0, None), "rl.ref_sync_mix": (0.0, 1.0),
+    "rl.updates_per_rollout": (1, None), "eval.max_new_tokens": (1, None), "eval.batch_size": (1, None),
 }
 
 

@@ -294,6 +294,54 @@ def test_rollouts_on_their_own_mesh_sample_the_current_weights(mini_run, monkeyp
                                       "rl.rollout_mesh.devices=9"]))
 
 
+def _text_rewards(ctx, weights, rollouts, malformed):
+    """Rewards drawn from each completion's text (the tiny model's never parse, so real ones would all
+    be equal): the same rollouts get the same rewards in every run."""
+    import zlib
+
+    return np.array([zlib.crc32(r.text.encode()) % 1000 / 1000 for r in rollouts], np.float32), {}
+
+
+def test_the_reference_follows_the_policy_and_resumes_with_it(mini_run, monkeypatch):
+    """`rl.ref_sync_every`: the reference moves to the policy (TRL's sync_ref_model); it is saved with
+    each checkpoint, so a run stopped after step 2 and resumed ends where an uninterrupted one does."""
+    import dalign_jax.stages.rl as rl_stage
+
+    monkeypatch.setattr(rl_stage, "total_rewards", _text_rewards)
+    base = ["rl.steps=3", "rl.prompts_per_step=1", "rl.group_size=4", "rl.max_new_tokens=8", "mesh.devices=1",
+            "rl.train.learning_rate=1e-2", "rl.kl_coef=0.1", "rl.train.save_every=1"]
+
+    def run(name, extra):
+        config = load_config(mini_run, base + extra + ["run_dir=" + str(mini_run.parent / name)])
+        run_rl(config)
+        return [json.loads(x) for x in (config.run_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+
+    frozen = run("frozen", [])
+    followed = run("followed", ["rl.ref_sync_every=1", "rl.ref_sync_mix=1.0"])
+    assert min(r["kl"] for r in frozen[1:]) > 1e-4  # the policy moved away from the starting one
+    assert max(r["kl"] for r in followed[1:]) < 1e-8  # each step starts where the reference was moved to
+
+    halfway = ["rl.ref_sync_every=1", "rl.ref_sync_mix=0.5"]
+    whole = run("whole", halfway)
+    calls = []
+
+    def crash_at_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return _text_rewards(*args)
+
+    monkeypatch.setattr(rl_stage, "total_rewards", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed", halfway)
+    monkeypatch.setattr(rl_stage, "total_rewards", _text_rewards)
+    resumed = run("resumed", halfway)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert 0 < whole[2]["kl"] < frozen[2]["kl"]
+    for key in ("kl", "loss", "reward"):
+        assert resumed[2][key] == pytest.approx(whole[2][key], rel=1e-5, abs=1e-9), key
+
+
 PLUGIN = '''
 import jax.numpy as jnp
 

@@ -153,13 +153,20 @@ def run_rl(config: Config, force: bool = False) -> dict:
                                 max_tokens=rl.max_new_tokens, importance=rl.importance_sampling, compute_dtype=dtype,
                                 remat=train.remat)
     trainable = Trainable(policy.params, LoraConfig.from_train(train), mesh, config.seed)
-    # The KL reference is the starting policy, frozen: with LoRA that is the base the adapters sit on.
+    # The KL reference is the starting policy: with LoRA that is the base the adapters sit on. It stays
+    # frozen unless `rl.ref_sync_every` makes it follow the policy; then it is saved with each checkpoint.
     reference = shard_params(policy.params, mesh) if trainable.lora is None else trainable.frozen
     reference_logp = compile_batch_logprobs(policy.cfg, trainable.param_sharding, mesh, temperature=rl.temperature,
                                             compute_dtype=dtype)
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
     state, sharding, start, _ = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh,
                                              train.shard_optimizer)
+    if rl.ref_sync_every and start:
+        reference = checkpoints.restore_extra(start, "reference", jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), reference))
+    # Not donated: with LoRA the reference starts as the frozen base the adapters are merged into.
+    sync_reference = jax.jit(functools.partial(mix_params, mix=rl.ref_sync_mix),
+                             out_shardings=jax.tree.map(lambda x: x.sharding, reference))
     if jax.process_index() == 0:
         print(f"rl: {trainable.describe()}", file=sys.stderr, flush=True)  # stdout: the summary JSON
     step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable,
@@ -204,6 +211,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
                        **{f"reward_{k}": float(np.nanmean(v)) if np.isfinite(v).any() else None for k, v in parts.items()},
                        **per_category(rollouts, rewards))
         done = step + 1
+        if rl.ref_sync_every and done % rl.ref_sync_every == 0:
+            reference = sync_reference(reference, trainable.full_params(state.params))
         log.log(done, metrics)
         rollout_rows += [{"step": done, "prompt_id": r.prompt.id, "category": r.prompt.category, "status": r.status,
                           "reward": float(v), "advantage": float(a), "completion": r.text}
@@ -213,7 +222,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
         if done % train.save_every == 0 or done == rl.steps:
             if jax.process_index() == 0:
                 write_atomic(out / "rollouts.jsonl", jsonl_text(rollout_rows))
-            checkpoints.save(done, state, {"step": done}, {"step": done, "steps": rl.steps})
+            checkpoints.save(done, state, {"step": done}, {"step": done, "steps": rl.steps},
+                             {"reference": reference} if rl.ref_sync_every else None)
     log.close()
     checkpoints.close()
 
@@ -222,6 +232,12 @@ def run_rl(config: Config, force: bool = False) -> dict:
     if jax.process_index() == 0:
         write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def mix_params(reference, policy, *, mix: float):
+    """mix * policy + (1 - mix) * reference, leaf by leaf, in the reference's dtype (TR-DPO's soft update)."""
+    return jax.tree.map(lambda r, p: (mix * p.astype(jnp.float32) + (1.0 - mix) * r.astype(jnp.float32)).astype(r.dtype),
+                        reference, policy)
 
 
 def rl_summary(rows: list[dict], steps: int, export_dir: str | None) -> dict:

@@ -26,9 +26,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, facts: dict) -> None:
+    def save(self, step: int, state, data_state: dict, facts: dict, extra: dict | None = None) -> None:
+        """`extra`: more arrays kept with the state, by name (RL's reference when it follows the policy),
+        in the same atomic checkpoint; `restore_extra` reads one back."""
+        items = {name: ocp.args.StandardSave(tree) for name, tree in (extra or {}).items()}
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), facts=ocp.args.JsonSave(facts)))
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), facts=ocp.args.JsonSave(facts),
+            **items))
         self.manager.wait_until_finished()
 
     def restore(self, step: int, target) -> tuple[object, dict, dict]:
@@ -41,6 +45,17 @@ class Checkpointer:
                             f"(a different model shape or optimiser?): {str(e).splitlines()[0][:300]}") from None
         _check_shapes(restored.state, target, self.directory / str(step))
         return restored.state, restored.data, restored.facts
+
+    def restore_extra(self, step: int, name: str, target):
+        """The `extra` item `name` saved at `step`, laid out like `target`."""
+        try:
+            tree = getattr(self.manager.restore(step, args=ocp.args.Composite(
+                **{name: ocp.args.StandardRestore(target)})), name)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise UserError(f"{self.directory / str(step)}: checkpoint has no usable {name}: "
+                            f"{str(e).splitlines()[0][:300]}") from None
+        _check_shapes(tree, target, self.directory / str(step))
+        return tree
 
     def close(self) -> None:
         self.manager.close()
