@@ -157,6 +157,9 @@ class SFT:
     steps: int = 0  # optimiser steps; 0: `epochs` passes over the training examples
     epochs: float = 1.0
     eval_every: int = 50
+    # NEFTune (TRL's neftune_noise_alpha; its paper uses 5): training steps add uniform noise of
+    # alpha / sqrt(row length x hidden size) to the input embeddings; held-out loss sees none. 0: off.
+    neftune_alpha: float = 0.0
     export: bool = True  # write the final model as a HF directory in run_dir/sft/export
     train: Train = dataclasses.field(default_factory=Train)
 
@@ -412,7 +415,7 @@ RANGES = {
     "distill.samples_per_prompt": (1, None), "distill.cot_sentences": (0, None), "distill.temperature": (0.0, None),
     "distill.top_p": (0.0, 1.0), "distill.min_p": (0.0, 1.0), "rl.top_p": (0.0, 1.0), "rl.min_p": (0.0, 1.0),
     "sft.heldout_fraction": (0.0, 0.9), "sft.capability_ratio": (0.0, 0.9), "sft.batch_size": (1, None),
-    "sft.max_seq_len": (8, None), "sft.train.grad_accum": (1, None), "sft.train.learning_rate": (0.0, None),
+    "sft.max_seq_len": (8, None), "sft.neftune_alpha": (0.0, None), "sft.train.grad_accum": (1, None), "sft.train.learning_rate": (0.0, None),
     "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),
     "rl.train.grad_accum": (1, None), "rl.clip_low": (0.0, 1.0), "rl.clip_high": (0.0, None),
     "sft.train.lora_rank": (0, None), "rl.train.lora_rank": (0, None),

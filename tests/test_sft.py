@@ -304,6 +304,33 @@ def test_sft_stage_learns_and_exports(tmp_path, tiny_chat_model, sft_data):
     assert run_sft(config) == summary  # complete: nothing to do
 
 
+def test_neftune_noise_is_bounded_per_row_and_in_training_steps_only(tmp_path, tiny_chat_model, sft_data):
+    import jax.numpy as jnp
+
+    from dalign_jax.train.step import neftune_noise
+
+    noise = np.asarray(neftune_noise(jnp.array([3, 4, 3], jnp.int32), 16, 32, 5.0))
+    bound = 5.0 / np.sqrt(16 * 32)  # alpha / sqrt(length x hidden)
+    assert 0.95 * bound < np.abs(noise).max() <= bound and abs(noise.mean()) < 0.05 * bound
+    np.testing.assert_array_equal(noise[0], noise[2])  # a row's noise comes from its seed alone
+    assert not np.allclose(noise[0], noise[1])
+
+    def run(name, overrides, **sft):
+        config = load_config(sft_config(tmp_path / name, tiny_chat_model, sft_data, steps=3, eval_every=3, **sft),
+                             overrides)
+        run_sft(config)
+        return [json.loads(x) for x in (config.run_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+
+    plain = run("plain", [])
+    noisy = run("noisy", [], neftune_alpha=5.0)
+    split = run("split", ["mesh.devices=2"], neftune_alpha=5.0)
+    assert noisy[0]["eval_loss"] == plain[0]["eval_loss"]  # the held-out loss sees no noise
+    assert noisy[1]["loss"] != pytest.approx(plain[1]["loss"], rel=1e-4)  # the training step does
+    for a, b in zip(noisy[1:], split[1:]):  # the same noise however the rows are split over devices
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert noisy[-1]["eval_loss"] == pytest.approx(split[-1]["eval_loss"], rel=1e-5)
+
+
 def test_packed_sft_counts_its_steps_and_learns(tmp_path, tiny_chat_model, sft_data):
     """With packing, `epochs` passes take as many steps as the packed stream holds batches: fewer
     than padded rows would."""

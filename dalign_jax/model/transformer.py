@@ -338,6 +338,7 @@ def forward(
     logits_from: int = 0,
     logits_to: int | None = None,
     batch_shards: int | None = None,
+    embed_noise: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [batch, time, vocab] (float32) for `tokens`, and the cache with them written in.
 
@@ -358,11 +359,15 @@ def forward(
     `batch_shards`: the pieces the mesh splits the batch into (data x fsdp). Given, a large prefill
     attends one row of each at a time (it must know them to stay on each device's own rows); None
     keeps the rows together, as training does (see ROW_TILE_ELEMENTS).
+    `embed_noise` ([batch, time, hidden]) is added to the looked-up embeddings, before any scaling
+    (NEFTune, in SFT's training steps only).
     """
     chex.assert_rank([tokens, positions], 2)
     chex.assert_equal_shape([tokens, positions])
     dtype = dtype or params["embed"].dtype
     x = params["embed"][tokens].astype(dtype)
+    if embed_noise is not None:
+        x = x + embed_noise.astype(dtype)
     if cfg.embed_scale:  # the scale in the compute dtype, as Gemma's reference rounds it
         x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype)
     key_positions = positions

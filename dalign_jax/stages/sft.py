@@ -89,8 +89,16 @@ def planned_steps(config: Config, train_examples: int) -> int:
     return max(1, math.ceil(config.sft.epochs * train_examples / per_step))
 
 
-def make_loss(cfg, train: Train):
-    return functools.partial(sft_loss, cfg=cfg, compute_dtype=COMPUTE_DTYPES[train.compute_dtype], remat=train.remat)
+def make_loss(cfg, train: Train, neftune_alpha: float = 0.0):
+    return functools.partial(sft_loss, cfg=cfg, compute_dtype=COMPUTE_DTYPES[train.compute_dtype], remat=train.remat,
+                             neftune_alpha=neftune_alpha)
+
+
+def noise_seeds(seed: int, step: int, global_rows: int, local_rows: int) -> np.ndarray:
+    """One NEFTune seed per row of this process's share of step `step`'s batch, distinct over the run's
+    rows and processes, and the same again when a resumed run redoes the step."""
+    first = step * global_rows + jax.process_index() * local_rows
+    return ((seed * 1_000_003 + first + np.arange(local_rows, dtype=np.int64)) % (1 << 31)).astype(np.int32)
 
 
 def run_sft(config: Config, force: bool = False) -> dict:
@@ -136,7 +144,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
         stream = make_stream(num_batches=steps)
     optimizer = make_optimizer(train, steps)
     schedule = learning_rate_schedule(train, steps)
-    loss_fn = make_loss(model.cfg, train)
+    loss_fn = make_loss(model.cfg, train, config.sft.neftune_alpha)
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
     trainable = Trainable(model.params, LoraConfig.from_train(train), mesh, config.seed)
     state, sharding, start, data_state = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh,
@@ -163,6 +171,8 @@ def run_sft(config: Config, force: bool = False) -> dict:
                disable=jax.process_index() != 0)
     for step in bar:
         local = next(data)
+        if config.sft.neftune_alpha:
+            local = dict(local, noise_seed=noise_seeds(config.seed, step, rows * accum, len(local["tokens"])))
         batch = device_batch(local, mesh, accum)
         started = time.perf_counter()
         state, metrics = step_fn(state, batch)

@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -30,18 +31,20 @@ class TrainState(NamedTuple):
 
 
 def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False,
-                   temperature: float = 1.0, segments=None, targets_from: int = 1, with_entropy: bool = False):
+                   temperature: float = 1.0, segments=None, targets_from: int = 1, with_entropy: bool = False,
+                   embed_noise=None):
     """log p(tokens[:, t] | tokens[:, :t]) for every t from `targets_from` on: [batch, time - targets_from],
     float32, under the distribution with the logits divided by `temperature` (RL scores what the sampler
     drew from). Only the columns that predict those targets are projected onto the vocabulary.
 
     Master weights stay float32; with a lower compute dtype they are cast inside the step, so their
     gradients come back in float32. `segments`: rows packed with several sequences (see `forward`).
-    `with_entropy`: also each column's entropy of that distribution, as a metric (no gradient)."""
+    `with_entropy`: also each column's entropy of that distribution, as a metric (no gradient).
+    `embed_noise`: added to the input embeddings (NEFTune; see `neftune_noise`)."""
     if compute_dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
     logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat, segments=segments,
-                        logits_from=targets_from - 1, logits_to=-1)
+                        logits_from=targets_from - 1, logits_to=-1, embed_noise=embed_noise)
     if temperature != 1.0:
         logits = logits / temperature
     targets = tokens[:, targets_from:]
@@ -54,12 +57,26 @@ def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype
     return picked - log_norm, entropy
 
 
-def sft_loss(params, batch, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False):
+def neftune_noise(seeds: jax.Array, length: int, hidden: int, alpha: float) -> jax.Array:
+    """NEFTune's noise (Jain et al. 2023, as HF's trainer adds it): for each row, uniform in
+    [-b, b] with b = alpha / sqrt(length * hidden), `length` the padded row length. Row r's noise
+    comes from its own `seeds[r]`, so it is the same however the rows are split over devices."""
+    bound = alpha / np.sqrt(length * hidden)
+    return jax.vmap(lambda seed: jax.random.uniform(jax.random.key(seed), (length, hidden), jnp.float32,
+                                                    -bound, bound))(seeds)
+
+
+def sft_loss(params, batch, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False, neftune_alpha: float = 0.0):
     """Summed negative log-likelihood of the completion tokens, and how many there are. In a packed
-    batch (`segments`) no token is a target of the one before it in another sequence."""
+    batch (`segments`) no token is a target of the one before it in another sequence. With
+    `neftune_alpha`, a batch that carries `noise_seed` ([rows]: training batches, never held-out
+    ones) has NEFTune's noise added to its input embeddings."""
     segments = batch.get("segments")
+    noise = None
+    if neftune_alpha and "noise_seed" in batch:
+        noise = neftune_noise(batch["noise_seed"], batch["tokens"].shape[1], cfg.hidden_size, neftune_alpha)
     logp = token_logprobs(params, batch["tokens"], batch["positions"], cfg=cfg, compute_dtype=compute_dtype,
-                          remat=remat, segments=segments)
+                          remat=remat, segments=segments, embed_noise=noise)
     mask = (batch["loss_mask"][:, 1:] > 0) & (batch["positions"][:, 1:] >= 0)
     if segments is not None:
         mask &= segments[:, 1:] == segments[:, :-1]
