@@ -66,7 +66,7 @@ def cmd_generate(args) -> int:
     if args.system:
         conversations = [[{"role": "system", "content": args.system}] + c for c in conversations]
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              min_p=args.min_p)
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     mesh = _mesh(args.mesh)
     print(f"loading {args.model} ...", file=sys.stderr)
     model = load_model(args.model)
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="transformers' repetition penalty (1: off)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes; -1 takes the remaining devices")
     gen.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")

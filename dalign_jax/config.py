@@ -91,6 +91,7 @@ class Distill:
     top_k: int = 0
     top_p: float = 0.95
     min_p: float = 0.0
+    repetition_penalty: float = 1.0  # transformers' (1: off): logits of tokens already in the row shrunk
     batch_size: int = 16  # prompts per sampler call (times samples_per_prompt rows)
     shard_size: int = 32  # prompts per output shard: the unit of resume
 
@@ -175,6 +176,7 @@ class RL:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0  # as distill's (TRL's GRPOConfig has it too); the logged old log-probs are the model's
     # Reward name -> weight (names registered in dalign_jax/rl/rewards.py): judge (the spec-aware judge
     # on the final answer only), helpfulness (judge rubric for prompts expected to be complied with),
     # length (minus the completion's share of max_new_tokens).
@@ -414,6 +416,7 @@ RANGES = {
     "judge.threshold": (0.0, 1.0), "judge.runs": (1, None), "judge.best_of_n": (1, None),
     "distill.samples_per_prompt": (1, None), "distill.cot_sentences": (0, None), "distill.temperature": (0.0, None),
     "distill.top_p": (0.0, 1.0), "distill.min_p": (0.0, 1.0), "rl.top_p": (0.0, 1.0), "rl.min_p": (0.0, 1.0),
+    "distill.repetition_penalty": (0.001, None), "rl.repetition_penalty": (0.001, None),
     "sft.heldout_fraction": (0.0, 0.9), "sft.capability_ratio": (0.0, 0.9), "sft.batch_size": (1, None),
     "sft.max_seq_len": (8, None), "sft.neftune_alpha": (0.0, None), "sft.train.grad_accum": (1, None), "sft.train.learning_rate": (0.0, None),
     "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),

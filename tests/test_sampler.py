@@ -55,6 +55,36 @@ def test_greedy_matches_uncached_reference_for_gemma(tiny_models, family):
         np.testing.assert_allclose(logps, ref_logps, atol=1e-4)
 
 
+def test_repetition_penalty_decodes_as_transformers_does(tiny_models, model):
+    """Greedy decoding with a repetition penalty against transformers' `generate` on the same weights,
+    with a shared prefix whose tokens count as seen (transformers sees the whole input); the reported
+    log-probabilities stay the model's own, as an RL trainer recomputes them."""
+    import torch
+    import transformers
+
+    hf = tiny_models["llama2"][1]
+    shared = list(range(3, 200, 3))  # many distinct tokens, so that repeating one of them is likely
+    prompts = [shared + [100, 7], shared + [44, 2]]
+    sampler = Sampler(model.cfg, make_mesh(devices=jax.devices()[:1]), prefix_min_tokens=4)
+    penalised = sampler.generate(model.params, prompts, 12, jax.random.key(0),
+                                 SamplingParams(temperature=0.0, repetition_penalty=1.8))
+    assert sampler.prefixes.misses == 1  # the shared tokens went through the prefix cache
+    plain = sampler.generate(model.params, prompts, 12, jax.random.key(0), GREEDY)
+    assert any(a.tolist() != b.tolist() for a, b in zip(penalised.tokens, plain.tokens))
+    settings = transformers.GenerationConfig(max_new_tokens=12, do_sample=False, repetition_penalty=1.8,
+                                             pad_token_id=0)
+    fwd = jax.jit(forward, static_argnames="cfg")
+    for prompt, tokens, logps in zip(prompts, penalised.tokens, penalised.logprobs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              generation_config=settings)[0, len(prompt):].tolist()
+        assert len(ref) >= 4 and tokens.tolist()[:len(ref)] == ref  # (transformers stops at its EOS)
+        seq = np.array([prompt + tokens.tolist()], np.int32)
+        logits, _ = fwd(model.params, seq, np.arange(seq.shape[1], dtype=np.int32)[None], cfg=model.cfg)
+        own = jax.nn.log_softmax(np.asarray(logits[0, len(prompt) - 1:-1]), axis=-1)
+        np.testing.assert_allclose(logps, np.take_along_axis(np.asarray(own), tokens[:, None], 1)[:, 0], atol=1e-4)
+
+
 def test_per_row_stop_tokens_and_length_limits(model, sampler):
     free = sampler.generate(model.params, PROMPTS, 10, jax.random.key(0), GREEDY)
     stop_row0 = int(free.tokens[0][3])

@@ -33,17 +33,21 @@ NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch those filters off. min_p keeps
-    the tokens at least min_p times as likely as the likeliest (after top-k and top-p, as in
-    transformers' and vLLM's samplers)."""
+    """temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and repetition_penalty 1 switch those off.
+    min_p keeps the tokens at least min_p times as likely as the likeliest (after top-k and top-p, as
+    in transformers' and vLLM's samplers). repetition_penalty is transformers' (CTRL's): the logit of
+    every token already in the row (its prompt, shared prefix included, and what it has sampled) is
+    divided by it where positive and multiplied by it where negative, before the temperature."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1:
+        if (self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1
+                or not self.repetition_penalty > 0):
             raise UserError(f"sampling: invalid settings {self}")
 
 
@@ -194,10 +198,16 @@ def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> tup
     return token.astype(jnp.int32), token_logp
 
 
-def _generate(params, tokens, positions, source, max_new, stop, key, prefix, *, cfg: ModelConfig,
+def _penalise_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def _generate(params, tokens, positions, source, max_new, stop, seen, key, prefix, *, cfg: ModelConfig,
               sampling: SamplingParams, new_slots: int, pad_id: int, batch_shards: int, on_trace):
     """`tokens`, `positions`: the distinct prompts. `source` [rows] (or None: one row per prompt) says
-    which prompt each sampled row continues: the k samples of a prompt share its prefill."""
+    which prompt each sampled row continues: the k samples of a prompt share its prefill. `seen`
+    [rows, vocab]: the tokens of each row's whole prompt, for the repetition penalty ([rows, 1] and
+    unused without one)."""
     on_trace()  # runs once per compilation, never at run time
     prompt_len = tokens.shape[1]
     cache = KVCache.empty(cfg, tokens.shape[0], prompt_len + new_slots, dtype=params["embed"].dtype, prefix=prefix)
@@ -212,14 +222,24 @@ def _generate(params, tokens, positions, source, max_new, stop, key, prefix, *, 
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
     active = max_new > 0
 
+    penalty = sampling.repetition_penalty
+
     def cond(state):
-        step, _, _, _, _, _, done, _ = state
+        step, _, _, _, _, _, done, _, _ = state
         return (step < new_slots) & ~jnp.all(done)
 
     def body(state):
-        step, cache, last_logits, pos, out_tokens, out_logp, done, lengths = state
+        step, cache, last_logits, pos, out_tokens, out_logp, done, lengths, seen = state
         keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-        token, logp = select_tokens(last_logits, keys, sampling)
+        if penalty == 1.0:
+            token, logp = select_tokens(last_logits, keys, sampling)
+        else:
+            token, _ = select_tokens(_penalise_repeats(last_logits, seen, penalty), keys, sampling)
+            # The model's own (temperature-scaled) log-probability, as a penalty-free RL trainer
+            # recomputes it, like the truncating filters in `select_tokens`.
+            scaled = last_logits / sampling.temperature if sampling.temperature else last_logits
+            logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+            seen = seen.at[jnp.arange(batch), token].set(True)
         token = jnp.where(done, pad_id, token)
         out_tokens = out_tokens.at[:, step].set(token)
         out_logp = out_logp.at[:, step].set(jnp.where(done, 0.0, logp))
@@ -228,7 +248,7 @@ def _generate(params, tokens, positions, source, max_new, stop, key, prefix, *, 
         done = done | hit_stop | (lengths >= max_new)
         step_pos = jnp.where(done, -1, pos)[:, None]
         logits, cache = forward(params, token[:, None], step_pos, cache, cfg=cfg)
-        return step + 1, cache, logits[:, -1], pos + 1, out_tokens, out_logp, done, lengths
+        return step + 1, cache, logits[:, -1], pos + 1, out_tokens, out_logp, done, lengths, seen
 
     state = (
         jnp.zeros((), jnp.int32),
@@ -239,8 +259,9 @@ def _generate(params, tokens, positions, source, max_new, stop, key, prefix, *, 
         jnp.zeros((batch, new_slots), jnp.float32),
         ~active,
         jnp.zeros((batch,), jnp.int32),
+        seen,
     )
-    _, _, _, _, out_tokens, out_logp, _, lengths = jax.lax.while_loop(cond, body, state)
+    _, _, _, _, out_tokens, out_logp, _, lengths, _ = jax.lax.while_loop(cond, body, state)
     stopped = jnp.any(
         (jnp.take_along_axis(out_tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1) == stop) & (lengths > 0)[:, None],
         axis=-1,
@@ -277,7 +298,7 @@ class Sampler:
                                   pad_id=self.pad_id, batch_shards=mesh_lib.batch_size_multiple(self.mesh),
                                   on_trace=self._count_trace),
                 in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2), batch(1), batch(1),
-                              batch(2), mesh_lib.replicated(self.mesh), mesh_lib.replicated(self.mesh)),
+                              batch(2), batch(2), mesh_lib.replicated(self.mesh), mesh_lib.replicated(self.mesh)),
                 out_shardings=(batch(2), batch(2), batch(1), batch(1)),
             )
         return self._compiled[key]
@@ -330,8 +351,13 @@ class Sampler:
         stop = np.full((rows, width), -1, np.int32)
         for i, s in enumerate(per_row_stops):
             stop[i, :len(s)] = s
+        seen = np.zeros((rows, 1), bool)
+        if sampling.repetition_penalty != 1.0:
+            seen = np.zeros((rows, self.cfg.vocab_size), bool)
+            for i, p in enumerate(prompts):
+                seen[i, np.asarray(p)] = True
         fn = self._fn(params, sampling, new_slots)
-        out = jax.device_get(fn(params, tokens, positions, source, max_new, stop, key, prefix))
+        out = jax.device_get(fn(params, tokens, positions, source, max_new, stop, seen, key, prefix))
         out_tokens, out_logp, lengths, stopped = (np.asarray(x) for x in out)
         return SampleOutput(
             tokens=[out_tokens[i, :lengths[i]] for i in range(n)],

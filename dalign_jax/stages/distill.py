@@ -60,7 +60,8 @@ def distill_prompt_ids(tokenizer, spec: Spec, prompt, mode_hint: bool = False) -
 
 def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, key) -> list[dict]:
     d = config.distill
-    sampling = SamplingParams(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p)
+    sampling = SamplingParams(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p,
+                              repetition_penalty=d.repetition_penalty)
     stops = stop_token_ids(model)
     # Batches hold one category each, so their inputs share spec(category) as a cached prefix.
     batches = []

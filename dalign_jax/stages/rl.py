@@ -104,7 +104,7 @@ class Rollouts:
         self.group = rl.group_size
         self.max_new = rl.max_new_tokens
         self.sampling = SamplingParams(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
-                                       min_p=rl.min_p)
+                                       min_p=rl.min_p, repetition_penalty=rl.repetition_penalty)
         # Prompts carry no shared spec here, and the parameters change every step: no prefix cache.
         self.sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0, prefix_min_tokens=0)
         self.stops = stop_token_ids(model)
