@@ -281,7 +281,7 @@ def test_rollouts_on_their_own_mesh_sample_the_current_weights(mini_run, monkeyp
     monkeypatch.setattr(rl_stage, "total_rewards", lambda ctx, weights, rollouts, malformed: (
         draw.normal(size=len(rollouts)).astype(np.float32), {}))
     overrides = ["rl.steps=3", "rl.prompts_per_step=1", "rl.group_size=4", "rl.max_new_tokens=8",
-                 "rl.train.learning_rate=1e-2", "rl.kl_coef=0.0", "mesh.devices=2", "rl.rollout_mesh={devices: 1}"]
+                 "rl.train.learning_rate=1e-2", "rl.kl_coef=1e-9", "mesh.devices=2", "rl.rollout_mesh={devices: 1}"]
     config = load_config(mini_run, overrides)
     assert config.rl.rollout_mesh.devices == 1
     run_rl(config)
@@ -318,6 +318,10 @@ def test_the_reference_follows_the_policy_and_resumes_with_it(mini_run, monkeypa
 
     frozen = run("frozen", [])
     followed = run("followed", ["rl.ref_sync_every=1", "rl.ref_sync_mix=1.0"])
+    without = run("without", ["rl.kl_coef=0"])  # no reference at all (TRL at beta 0): no KL to log
+    assert "kl" not in without[1] and without[1]["loss"] != frozen[1]["loss"]
+    with pytest.raises(UserError, match="rl.ref_sync_every"):
+        run("nothing_to_sync", ["rl.kl_coef=0", "rl.ref_sync_every=1"])
     assert min(r["kl"] for r in frozen[1:]) > 1e-4  # the policy moved away from the starting one
     assert max(r["kl"] for r in followed[1:]) < 1e-8  # each step starts where the reference was moved to
 
@@ -372,7 +376,7 @@ def test_a_plugin_module_registers_an_estimator_the_rl_stage_uses(mini_run, tmp_
         monkeypatch.chdir(tmp_path)  # a dotted name is found from the working directory
         overrides = ["plugins=[my_estimators]", "rl.advantage=test_fixed", "rl.importance_sampling=sequence",
                      "rl.steps=2", "rl.prompts_per_step=1", "rl.group_size=4", "rl.max_new_tokens=8",
-                     "rl.train.learning_rate=1e-2", "rl.kl_coef=0.0", "mesh.devices=1"]
+                     "rl.train.learning_rate=1e-2", "rl.kl_coef=1e-9", "mesh.devices=1"]
         config = load_config(mini_run, overrides)
         run_rl(config)
     finally:

@@ -83,7 +83,8 @@ def rl_loss(params, batch, *, cfg: ModelConfig, temperature: float, clip_low: fl
             remat: bool = False):
     """batch: tokens and positions [batch, prompt + completion] (`training_batch`'s layout: every
     completion starts in the same column); loss_mask, old_logp and ref_logp [batch, completion], one
-    column per completion token; advantages [batch].
+    column per completion token; advantages [batch]. Without `ref_logp` (kl_coef 0: no reference
+    model, as in TRL with beta 0) there is no KL term and no `kl` metric.
 
     Log-probabilities are of the temperature-scaled distribution, the one the sampler drew from; only
     the completion's columns are projected onto the vocabulary (TRL's `logits_to_keep`). `aux` also
@@ -92,13 +93,16 @@ def rl_loss(params, batch, *, cfg: ModelConfig, temperature: float, clip_low: fl
     logp, entropy = token_logprobs(params, batch["tokens"], batch["positions"], cfg=cfg, compute_dtype=compute_dtype,
                                    remat=remat, temperature=temperature, targets_from=start, with_entropy=True)
     mask = ((batch["loss_mask"] > 0) & (batch["positions"][:, start:] >= 0)).astype(jnp.float32)
-    old_logp, ref_logp = batch["old_logp"], batch["ref_logp"]
+    old_logp = batch["old_logp"]
     log_ratio = importance_log_ratio(logp, old_logp, mask, importance)
-    policy, clipped = clipped_policy_loss(log_ratio, batch["advantages"][:, None], clip_low, clip_high)
-    kl = kl_k3(logp, ref_logp)
-    loss_sum, weight = AGGREGATIONS[aggregation](policy + kl_coef * kl, mask, max_tokens)
+    per_token, clipped = clipped_policy_loss(log_ratio, batch["advantages"][:, None], clip_low, clip_high)
     tokens = mask.sum()
-    aux = {"kl": ((kl * mask).sum(), tokens), "clip_fraction": ((clipped * mask).sum(), tokens),
+    aux = {"clip_fraction": ((clipped * mask).sum(), tokens),
            "logprob_gap": ((jnp.abs(jax.lax.stop_gradient(logp) - old_logp) * mask).sum(), tokens),
            "entropy": ((entropy * mask).sum(), tokens)}
+    if "ref_logp" in batch:
+        kl = kl_k3(logp, batch["ref_logp"])
+        per_token = per_token + kl_coef * kl
+        aux["kl"] = ((kl * mask).sum(), tokens)
+    loss_sum, weight = AGGREGATIONS[aggregation](per_token, mask, max_tokens)
     return loss_sum, weight, aux

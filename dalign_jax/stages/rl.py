@@ -135,6 +135,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
     if rows % (batch_size_multiple(mesh) * train.grad_accum):
         raise UserError(f"rl.prompts_per_step x rl.group_size = {rows} must be a multiple of mesh data x fsdp "
                         f"({batch_size_multiple(mesh)}) times rl.train.grad_accum ({train.grad_accum})")
+    if rl.ref_sync_every and not rl.kl_coef:
+        raise UserError("rl.ref_sync_every: there is no reference to sync with rl.kl_coef 0")
     policy = load_model(starting_policy(config), config.models.attention)
     check_run_header(out, {"policy_model_id": policy.model_id, "judge_model": config.models.judge,
                            "spec_version": spec.version, "rl": section(config, "rl"), "prompts": section(config, "prompts"),
@@ -155,18 +157,22 @@ def run_rl(config: Config, force: bool = False) -> dict:
     trainable = Trainable(policy.params, LoraConfig.from_train(train), mesh, config.seed)
     # The KL reference is the starting policy: with LoRA that is the base the adapters sit on. It stays
     # frozen unless `rl.ref_sync_every` makes it follow the policy; then it is saved with each checkpoint.
-    reference = shard_params(policy.params, mesh) if trainable.lora is None else trainable.frozen
-    reference_logp = compile_batch_logprobs(policy.cfg, trainable.param_sharding, mesh, temperature=rl.temperature,
-                                            compute_dtype=dtype)
+    # With kl_coef 0 there is none (TRL loads no reference model at beta 0): no copy, no forward pass.
+    reference = None
+    if rl.kl_coef > 0:
+        reference = shard_params(policy.params, mesh) if trainable.lora is None else trainable.frozen
+        reference_logp = compile_batch_logprobs(policy.cfg, trainable.param_sharding, mesh,
+                                                temperature=rl.temperature, compute_dtype=dtype)
     checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
     state, sharding, start, _ = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh,
                                              train.shard_optimizer)
-    if rl.ref_sync_every and start:
-        reference = checkpoints.restore_extra(start, "reference", jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), reference))
-    # Not donated: with LoRA the reference starts as the frozen base the adapters are merged into.
-    sync_reference = jax.jit(functools.partial(mix_params, mix=rl.ref_sync_mix),
-                             out_shardings=jax.tree.map(lambda x: x.sharding, reference))
+    if rl.ref_sync_every:
+        if start:
+            reference = checkpoints.restore_extra(start, "reference", jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), reference))
+        # Not donated: with LoRA the reference starts as the frozen base the adapters are merged into.
+        sync_reference = jax.jit(functools.partial(mix_params, mix=rl.ref_sync_mix),
+                                 out_shardings=jax.tree.map(lambda x: x.sharding, reference))
     if jax.process_index() == 0:
         print(f"rl: {trainable.describe()}", file=sys.stderr, flush=True)  # stdout: the summary JSON
     step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable,
@@ -195,7 +201,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
         judged_s = time.perf_counter() - started - sampled_s
         local = training_batch(encoded, sampled.tokens, sampled.logprobs, advantages, pad_id, prompt_width, counted)
         batch = device_batch(local, mesh, train.grad_accum)
-        batch["ref_logp"] = reference_logp(reference, batch)
+        if reference is not None:
+            batch["ref_logp"] = reference_logp(reference, batch)
         for update in range(rl.updates_per_rollout):
             state, metrics = step_fn(state, batch)
             metrics = as_host(metrics)
@@ -217,8 +224,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
         rollout_rows += [{"step": done, "prompt_id": r.prompt.id, "category": r.prompt.category, "status": r.status,
                           "reward": float(v), "advantage": float(a), "completion": r.text}
                          for r, v, a in zip(rollouts, rewards, advantages)]
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}", entropy=f"{metrics['entropy']:.2f}",
-                        gap=f"{metrics['logprob_gap']:.1e}")
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}",
+                        entropy=f"{metrics['entropy']:.2f}", gap=f"{metrics['logprob_gap']:.1e}")
         if done % train.save_every == 0 or done == rl.steps:
             if jax.process_index() == 0:
                 write_atomic(out / "rollouts.jsonl", jsonl_text(rollout_rows))
