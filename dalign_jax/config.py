@@ -176,7 +176,8 @@ class RL:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    repetition_penalty: float = 1.0  # as distill's (TRL's GRPOConfig has it too); the logged old log-probs are the model's
+    # As distill's (TRL's GRPOConfig has it too); the old log-probabilities logged are the model's own.
+    repetition_penalty: float = 1.0
     # Reward name -> weight (names registered in dalign_jax/rl/rewards.py): judge (the spec-aware judge
     # on the final answer only), helpfulness (judge rubric for prompts expected to be complied with),
     # length (minus the completion's share of max_new_tokens).
@@ -418,7 +419,8 @@ RANGES = {
     "distill.top_p": (0.0, 1.0), "distill.min_p": (0.0, 1.0), "rl.top_p": (0.0, 1.0), "rl.min_p": (0.0, 1.0),
     "distill.repetition_penalty": (0.001, None), "rl.repetition_penalty": (0.001, None),
     "sft.heldout_fraction": (0.0, 0.9), "sft.capability_ratio": (0.0, 0.9), "sft.batch_size": (1, None),
-    "sft.max_seq_len": (8, None), "sft.neftune_alpha": (0.0, None), "sft.train.grad_accum": (1, None), "sft.train.learning_rate": (0.0, None),
+    "sft.max_seq_len": (8, None), "sft.neftune_alpha": (0.0, None), "sft.train.grad_accum": (1, None),
+    "sft.train.learning_rate": (0.0, None),
     "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),
     "rl.train.grad_accum": (1, None), "rl.clip_low": (0.0, 1.0), "rl.clip_high": (0.0, None),
     "sft.train.lora_rank": (0, None), "rl.train.lora_rank": (0, None),

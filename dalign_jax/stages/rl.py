@@ -243,8 +243,10 @@ def run_rl(config: Config, force: bool = False) -> dict:
 
 def mix_params(reference, policy, *, mix: float):
     """mix * policy + (1 - mix) * reference, leaf by leaf, in the reference's dtype (TR-DPO's soft update)."""
-    return jax.tree.map(lambda r, p: (mix * p.astype(jnp.float32) + (1.0 - mix) * r.astype(jnp.float32)).astype(r.dtype),
-                        reference, policy)
+    def one(r, p):
+        return (mix * p.astype(jnp.float32) + (1.0 - mix) * r.astype(jnp.float32)).astype(r.dtype)
+
+    return jax.tree.map(one, reference, policy)
 
 
 def rl_summary(rows: list[dict], steps: int, export_dir: str | None) -> dict:
