@@ -5,8 +5,8 @@ every token), same optimiser (AdamW, clipping at 1.0). Both are timed over the s
 (ours compiles there, the peer warms up). Ours runs first, so the peak resident memory printed for
 ours is the process's before PyTorch is loaded.
 On a CPU, ours runs data-parallel over one virtual XLA device per core (`--devices`, default: the
-core count; see cpu_devices.py). Measured here: 1 device about 110 tokens/s, 2 devices about 133, 4
-devices about 85.
+core count; see cpu_devices.py). Measured on the 2-core machine (2026-11-30): 1 device 320-344 tokens/s,
+2 devices 321-333 (an earlier code and machine: 110 and 133, and 4 devices 85).
 Last lines: RESULT sft_tokens_per_s ours=<x> peer=<x> ratio=<ours/peer>, RESULT sft_mfu ours=<x>,
 RESULT sft_peak_rss_gb ours=<x>.
 """
