@@ -186,26 +186,30 @@ def _batch(tokenizer, rows, width=64):
     return collate([tokenize_conversation(tokenizer, r["messages"], width) for r in rows], [width], 0)
 
 
+def _hf_loss(hf, local):
+    """The HF model's mean loss on our batch's completion tokens (labels -100 elsewhere)."""
+    import torch
+
+    labels = np.where((local["loss_mask"] == 1) & (local["positions"] >= 0), local["tokens"], -100)
+    return hf(input_ids=torch.tensor(local["tokens"], dtype=torch.long),
+              attention_mask=torch.tensor(local["positions"] >= 0, dtype=torch.long),
+              labels=torch.tensor(labels, dtype=torch.long)).loss
+
+
 def test_sft_loss_matches_pytorch(tiny_models, tiny_chat_model):
     import torch
 
     model = load_model(str(tiny_chat_model))
     local = _batch(model.tokenizer, conversations(3))
     loss_sum, count, _ = sft_loss(jax.device_put(model.params), local, cfg=model.cfg)
-    hf = tiny_models["llama2"][1]
-    labels = np.where((local["loss_mask"] == 1) & (local["positions"] >= 0), local["tokens"], -100)
     with torch.no_grad():
-        out = hf(input_ids=torch.tensor(local["tokens"], dtype=torch.long),
-                 attention_mask=torch.tensor(local["positions"] >= 0, dtype=torch.long),
-                 labels=torch.tensor(labels, dtype=torch.long))
-    np.testing.assert_allclose(float(loss_sum / count), float(out.loss), rtol=1e-5)
+        reference = _hf_loss(tiny_models["llama2"][1], local)
+    np.testing.assert_allclose(float(loss_sum / count), float(reference), rtol=1e-5)
 
 
 def test_sft_gradients_match_pytorch(tiny_models, tiny_chat_model):
     """The gradient of every weight equals PyTorch's backward pass through the HF model (the
     projections' weight gradients are contracted by hand, `transformer.linear`)."""
-    import torch
-
     from dalign_jax.model.families import params_to_hf
 
     model = load_model(str(tiny_chat_model))
@@ -214,10 +218,7 @@ def test_sft_gradients_match_pytorch(tiny_models, tiny_chat_model):
     ours = params_to_hf(jax.device_get(grads), model.cfg)
     hf = tiny_models["llama2"][1]
     hf.zero_grad()
-    labels = np.where((local["loss_mask"] == 1) & (local["positions"] >= 0), local["tokens"], -100)
-    hf(input_ids=torch.tensor(local["tokens"], dtype=torch.long),
-       attention_mask=torch.tensor(local["positions"] >= 0, dtype=torch.long),
-       labels=torch.tensor(labels, dtype=torch.long)).loss.backward()
+    _hf_loss(hf, local).backward()
     reference = {name: p.grad.numpy() for name, p in hf.named_parameters()}
     assert set(ours) == set(reference)
     for name, g in reference.items():

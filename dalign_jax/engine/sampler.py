@@ -167,20 +167,27 @@ def batch_bucket(n: int, mesh: Mesh) -> int:
     return -(-size // multiple) * multiple
 
 
-def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams,
+                  seen: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Next token per row and its log-probability under the temperature-scaled distribution
-    (before top-k/top-p/min-p truncation, which is what an RL trainer recomputes from its own forward).
+    (before the repetition penalty and top-k/top-p/min-p truncation, which is what an RL trainer
+    recomputes from its own forward). `seen` [rows, vocab]: the tokens the repetition penalty applies
+    to (needed when `sp.repetition_penalty` is not 1).
 
     Sampling is by inverse CDF (one uniform per row) rather than Gumbel noise over the vocabulary,
     which costs two logarithms per vocabulary entry per row.
     """
+    logp = jax.nn.log_softmax(logits / (sp.temperature or 1.0), axis=-1)
+    penalised = sp.repetition_penalty != 1.0
+    if penalised:
+        penalty = sp.repetition_penalty
+        logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
     if sp.temperature == 0.0:
         token = jnp.argmax(logits, axis=-1)
-        logp = jax.nn.log_softmax(logits, axis=-1)
     else:
-        logp = jax.nn.log_softmax(logits / sp.temperature, axis=-1)
-        probs = jnp.exp(logp)
-        order = _sortable(logp)
+        drawn_from = jax.nn.log_softmax(logits / sp.temperature, axis=-1) if penalised else logp
+        probs = jnp.exp(drawn_from)
+        order = _sortable(drawn_from)
         if sp.top_k:
             kth = _largest_threshold(order, lambda t: jnp.sum(order >= t, axis=-1, keepdims=True) >= sp.top_k)
             probs = jnp.where(order >= kth, probs, 0.0)
@@ -196,10 +203,6 @@ def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> tup
         token = jnp.minimum(jnp.sum(cdf < u[:, None] * cdf[:, -1:], axis=-1), logits.shape[-1] - 1)
     token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), token_logp
-
-
-def _penalise_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
-    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def _generate(params, tokens, positions, source, max_new, stop, seen, key, prefix, *, cfg: ModelConfig,
@@ -222,8 +225,6 @@ def _generate(params, tokens, positions, source, max_new, stop, seen, key, prefi
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
     active = max_new > 0
 
-    penalty = sampling.repetition_penalty
-
     def cond(state):
         step, _, _, _, _, _, done, _, _ = state
         return (step < new_slots) & ~jnp.all(done)
@@ -231,14 +232,8 @@ def _generate(params, tokens, positions, source, max_new, stop, seen, key, prefi
     def body(state):
         step, cache, last_logits, pos, out_tokens, out_logp, done, lengths, seen = state
         keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-        if penalty == 1.0:
-            token, logp = select_tokens(last_logits, keys, sampling)
-        else:
-            token, _ = select_tokens(_penalise_repeats(last_logits, seen, penalty), keys, sampling)
-            # The model's own (temperature-scaled) log-probability, as a penalty-free RL trainer
-            # recomputes it, like the truncating filters in `select_tokens`.
-            scaled = last_logits / sampling.temperature if sampling.temperature else last_logits
-            logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+        token, logp = select_tokens(last_logits, keys, sampling, seen)
+        if sampling.repetition_penalty != 1.0:
             seen = seen.at[jnp.arange(batch), token].set(True)
         token = jnp.where(done, pad_id, token)
         out_tokens = out_tokens.at[:, step].set(token)

@@ -405,9 +405,7 @@ def forward(
     new_cache = None if cache is None else cache._replace(
         k=tuple(new_k), v=tuple(new_v), positions=key_positions, index=cache.index + tokens.shape[1])
 
-    if last_only:
-        x = x[:, -1:]
-    elif logits_from or logits_to is not None:
+    if not last_only and (logits_from or logits_to is not None):  # (last_only: x is the last token's already)
         x = x[:, logits_from:logits_to]
     x = _norm(cfg, x, params["final_norm"])
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]

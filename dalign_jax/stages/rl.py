@@ -3,7 +3,8 @@
 Each step: G completions for each of `rl.prompts_per_step` prompts from the current parameters (the
 compiled sampler, keeping its per-token log-probabilities); rewards from the registry on the parsed
 final answers; group advantages; one compiled update of the clipped objective with a KL penalty to
-the frozen starting model. The policy sees the conversation only, never the spec.
+a reference: the starting model, frozen unless `rl.ref_sync_every` moves it toward the policy, and
+none at all with `rl.kl_coef` 0. The policy sees the conversation only, never the spec.
 
 Outputs in run_dir/rl: checkpoints/, metrics.jsonl and tensorboard/ (reward overall and per
 category, the share of groups with equal rewards, KL, clip fraction, entropy, response length,
