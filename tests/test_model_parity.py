@@ -6,7 +6,7 @@ import pytest
 from conftest import FAMILIES, hf_logits, padded_batch
 from dalign_jax.model.hf_io import export_hf
 from dalign_jax.model.loader import load_model
-from dalign_jax.model.transformer import KVCache, forward
+from dalign_jax.model.transformer import KVCache, apply_rope, forward, rope_inv_freq, rope_tables
 
 
 def our_logits(model, tokens, positions):
@@ -83,6 +83,20 @@ def test_export_reimport_is_bit_identical_and_transformers_agrees(tiny_models, f
         ref = hf_logits(loaded.eval(), tokens, mask)
     real = mask.astype(bool)
     assert np.abs(our_logits(model, tokens, positions)[real] - ref[real]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])  # Llama 3's scaled frequencies; a plain theta
+def test_rope_tables_rotate_by_the_exact_angle_at_every_position(tiny_models, family):
+    model = load_model(str(tiny_models[family][0]))
+    cfg = model.cfg
+    inv_freq = rope_inv_freq(cfg.layer_rope(0), cfg.head_dim)
+    positions = np.arange(-3, cfg.max_position, dtype=np.int32)[None]  # padding (< 0) rotates as position 0
+    x = np.random.default_rng(0).normal(size=(1, positions.shape[1], 2, cfg.head_dim)).astype(np.float32)
+    ours = np.asarray(apply_rope(x, positions, rope_tables(inv_freq, cfg.max_position)))
+    angle = np.maximum(positions, 0)[..., None, None] * inv_freq.astype(np.float64)
+    x1, x2 = np.split(x.astype(np.float64), 2, axis=-1)
+    exact = np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
+    assert np.abs(ours - exact).max() <= 2e-6
 
 
 @pytest.mark.parametrize("family", ["llama2", "mistral"])

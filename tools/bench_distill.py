@@ -5,7 +5,9 @@
 - judge_prefill_tokens_per_s: judge inputs (spec(category) + conversation + CoT + answer) scored with
   our compiled forward pass against transformers' forward (PyTorch, CPU) on the same inputs in the
   same batches, both without prefix caching and both computing the last position's logits only.
-- judge_prefill_mfu: our prefill's matmul FLOP rate over the matmul ceiling measured in this run.
+- judge_prefill_mfu: our prefill's matmul FLOP rate over the matmul ceiling measured in this run: the
+  projections' products, and attention's (each query against its own and earlier keys, as a causal
+  model needs; the keys after it, which no implementation needs, are not counted).
 - prefix_cache_speedup: judge scoring time without / with shared-prefix caching, for inputs behind a
   spec of at least 2,000 tokens.
 """
@@ -115,7 +117,9 @@ def main():
     # Judge prefill, ours against transformers, no prefix caching on either side.
     prefill, score_ids = score_tokens(model.tokenizer, SCORE_PREFILL)
     by_category = sorted(prompts, key=lambda p: p.category)[:: max(1, len(prompts) // args.judge_inputs)]
-    inputs = judge_inputs(model, spec, by_category[:args.judge_inputs], prefill)
+    # In batches of inputs of about the same length, as the judge stage makes them (sorted by length
+    # within each spec; here no prefix is shared, so across specs): each batch pads to its longest.
+    inputs = sorted(judge_inputs(model, spec, by_category[:args.judge_inputs], prefill), key=len)
     batches = [inputs[i:i + args.batch] for i in range(0, len(inputs), args.batch)]
     tokens = sum(len(p) for p in inputs)
     plain = Scorer(model.cfg, mesh, score_ids, prefix_min_tokens=0)
@@ -124,15 +128,23 @@ def main():
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                  dtype=torch.float32).eval()
     peer_s = peer_prefill(hf_model, batches, model.tokenizer.pad_token_id or 0)
-    # The matmul FLOPs done: every layer for every token, except that the last layer makes only its keys
-    # and values for all but each input's last token (`forward(last_only=True)`); the vocabulary
-    # projection of one token per input is left out, as before.
+    # The matmul FLOPs needed: the projections of every layer for every token, except that the last
+    # layer makes only its keys and values for all but each input's last token (`forward(last_only=
+    # True)`), the vocabulary projection of one token per input left out, as before; and attention's
+    # two products (scores and values), each 2 x head_dim FLOPs per query head for each key a query
+    # sees: the n (n + 1) / 2 pairs of a causal input of n tokens, in the last layer its last token's n.
+    cfg = model.cfg
     layer_params = [sum(int(x.size) for x in jax.tree.leaves(lp)) for lp in model.params["layers"]]
     last_kv = model.params["layers"][-1]["wk"].size + model.params["layers"][-1]["wv"].size
-    flops = 2 * (tokens * (sum(layer_params) - layer_params[-1] + last_kv)
-                 + len(inputs) * (layer_params[-1] - last_kv))
+    projection_flops = 2 * (tokens * (sum(layer_params) - layer_params[-1] + last_kv)
+                            + len(inputs) * (layer_params[-1] - last_kv))
+    pair_flops = 2 * 2 * cfg.num_heads * cfg.head_dim
+    attention_flops = pair_flops * sum((cfg.num_layers - 1) * len(p) * (len(p) + 1) // 2 + len(p) for p in inputs)
+    flops = projection_flops + attention_flops
     mfu = flops / ours_s / ceiling
-    print(f"judge prefill: {len(inputs)} inputs, {tokens} tokens (mean {tokens / len(inputs):.0f})")
+    print(f"judge prefill: {len(inputs)} inputs, {tokens} tokens (mean {tokens / len(inputs):.0f}); "
+          f"{flops / 1e12:.2f} TFLOP, {attention_flops / flops:.0%} of it attention's; the projections alone: "
+          f"{projection_flops / ours_s / ceiling:.2f} of the ceiling")
 
     # Prefix caching: one category, a spec of at least 2,000 tokens.
     policies = "\n\n".join(p.render_full() for p in spec.policies.values())

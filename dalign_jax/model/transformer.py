@@ -68,11 +68,32 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+# Positions are split as p = high * ROPE_STEP + low, and cos/sin of p x f come from two small tables
+# of cos/sin(high x ROPE_STEP x f) and cos/sin(low x f) by the angle-addition rule. XLA:CPU fuses the
+# tables' lookups into every layer's query and key rotation, once per head, as it did cos and sin
+# themselves (no barrier keeps them apart): four loads and a few products there instead of two
+# transcendental functions. Judge prefill, 2 batches of 8 x 1,150 tokens: 13.1-14.2 s, against
+# 14.2-15.3 s. The tables are made in float64, so the angle is p x f exactly; transformers rounds
+# p x f to float32 first, which moves a rotated value by up to 5e-5 at position 1,000 (ours: 5e-7).
+ROPE_STEP = 128
+
+
+def rope_tables(inv_freq: np.ndarray, max_position: int) -> tuple[np.ndarray, ...]:
+    """cos and sin of (high x ROPE_STEP x f) for every high step up to `max_position`, and of (low x f)."""
+    freq = inv_freq.astype(np.float64)
+    low = np.arange(ROPE_STEP, dtype=np.float64)[:, None] * freq
+    high = np.arange(-(-max_position // ROPE_STEP) + 1, dtype=np.float64)[:, None] * ROPE_STEP * freq
+    return tuple(x.astype(np.float32) for x in (np.cos(high), np.sin(high), np.cos(low), np.sin(low)))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, tables: tuple[np.ndarray, ...]) -> jax.Array:
     """Rotate `x` [batch, time, heads, head_dim] in the half-split layout that HF checkpoints use."""
-    angles = jnp.maximum(positions, 0)[..., None].astype(jnp.float32) * inv_freq  # [b, t, hd/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos_high, sin_high, cos_low, sin_low = (jnp.asarray(t) for t in tables)
+    p = jnp.clip(positions, 0, (cos_high.shape[0] - 1) * ROPE_STEP + ROPE_STEP - 1)
+    high, low = p // ROPE_STEP, p % ROPE_STEP
+    ch, sh, cl, sl = cos_high[high], sin_high[high], cos_low[low], sin_low[low]  # [b, t, hd/2]
+    cos = (ch * cl - sh * sl)[:, :, None, :]
+    sin = (sh * cl + ch * sl)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -262,7 +283,7 @@ def _attend_by_row(q, k, v, mask, prefix_blocks, rule: ScoreRule, shards: int):
     return jnp.swapaxes(out, 0, 1).reshape((b,) + out.shape[2:])
 
 
-def _layer(cfg: ModelConfig, inv_freq, batch_shards: int | None, x, positions, lp, mask, cache_kv, prefix_kv, fresh,
+def _layer(cfg: ModelConfig, rope_tables, batch_shards: int | None, x, positions, lp, mask, cache_kv, prefix_kv, fresh,
            last_row=False):
     """One decoder block; returns the new residual stream and this layer's keys and values (the
     cache with the new tokens written in, or the new tokens' own when there is no cache).
@@ -287,8 +308,8 @@ def _layer(cfg: ModelConfig, inv_freq, batch_shards: int | None, x, positions, l
     if cfg.qk_norm:
         q = _norm(cfg, q, lp["q_norm"])
         k = _norm(cfg, k, lp["k_norm"])
-    q = apply_rope(q, positions[:, t - tq:], inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    q = apply_rope(q, positions[:, t - tq:], rope_tables)
+    k = apply_rope(k, positions, rope_tables)
     group = cfg.num_heads // cfg.num_kv_heads
     # [b, t, kv*group, hd] -> [b, kv, group, t, hd]: the query rows of one KV head side by side.
     q = q.reshape(b, tq, cfg.num_kv_heads, group, cfg.head_dim).transpose(0, 2, 3, 1, 4)
@@ -390,7 +411,7 @@ def forward(
 
     layers = {}  # one function per RoPE (Gemma 3's sliding layers have their own)
     for rope in {cfg.layer_rope(i) for i in range(cfg.num_layers)}:
-        layers[rope] = functools.partial(_layer, cfg, rope_inv_freq(rope, cfg.head_dim), batch_shards)
+        layers[rope] = functools.partial(_layer, cfg, rope_tables(rope_inv_freq(rope, cfg.head_dim), cfg.max_position), batch_shards)
         if remat:
             layers[rope] = jax.checkpoint(layers[rope], static_argnums=(6, 7))  # `fresh`, `last_row`: Python bools
     new_k, new_v = [], []
