@@ -61,7 +61,8 @@ def judge_inputs(model, spec, prompts, prefill, long_spec: str | None = None):
 
 
 def time_scorer(scorer, params, batches) -> float:
-    scorer.score(params, batches[0])  # compile
+    for b in batches:  # compile every batch's shape (their lengths may fall in different buckets)
+        scorer.score(params, b)
     scorer.prefixes.clear()  # the timed run computes its shared prefix once, as a real run does
     t0 = time.perf_counter()
     for b in batches:
