@@ -5,7 +5,7 @@
 - judge_prefill_tokens_per_s: judge inputs (spec(category) + conversation + CoT + answer) scored with
   our compiled forward pass against transformers' forward (PyTorch, CPU) on the same inputs in the
   same batches, both without prefix caching and both computing the last position's logits only.
-- judge_prefill_mfu: our prefill's matmul FLOP rate over the matmul ceiling measured in this run: the
+- judge_prefill_mfu: our prefill's matmul FLOP rate over the float32 matmul ceiling measured around it: the
   projections' products, and attention's (each query against its own and earlier keys, as a causal
   model needs; the keys after it, which no implementation needs, are not counted).
 - prefix_cache_speedup: judge scoring time without / with shared-prefix caching, for inputs behind a
@@ -23,7 +23,6 @@ if __name__ == "__main__":  # the device count must be set before JAX is importe
     use_cpu_devices()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from dalign_jax.data.prompts import read_prompts, split  # noqa: E402
 from dalign_jax.data.spec import load_spec  # noqa: E402
@@ -34,20 +33,11 @@ from dalign_jax.model.loader import DEFAULT_MODEL, load_model, resolve_model_pat
 from dalign_jax.parallel.mesh import make_mesh, shard_params  # noqa: E402
 from dalign_jax.stages.distill import distill_prompt_ids  # noqa: E402
 from dalign_jax.stages.judge import SCORE_PREFILL, judge_messages  # noqa: E402
+from dalign_jax.train.metrics import measure_peak_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COT = "Analysis: The user asks a question. VI-1 says history and analysis are allowed. Decision: comply"
 ANSWER = "Here is a short, factual overview of the topic you asked about."
-
-
-def matmul_ceiling() -> float:
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        f(a).block_until_ready()
-    return 10 * 2 * 2048**3 / (time.perf_counter() - t0)
 
 
 def judge_inputs(model, spec, prompts, prefill, long_spec: str | None = None):
@@ -102,8 +92,7 @@ def main():
     model = load_model(DEFAULT_MODEL)
     mesh = make_mesh()
     params = shard_params(model.params, mesh)
-    ceiling = matmul_ceiling()
-    print(f"matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s; devices {jax.devices()}")
+    print(f"devices {jax.devices()}")
 
     # Distill: one category, k = 2, the spec shared as a cached prefix.
     sampler = Sampler(model.cfg, mesh)
@@ -124,7 +113,12 @@ def main():
     batches = [inputs[i:i + args.batch] for i in range(0, len(inputs), args.batch)]
     tokens = sum(len(p) for p in inputs)
     plain = Scorer(model.cfg, mesh, score_ids, prefix_min_tokens=0)
+    # The ceiling: the best of float32 matmuls timed just before and just after ours (the machine's
+    # speed drifts by up to 10% between runs, and a peak is never overstated by the fastest trial).
+    before = measure_peak_flops()
     ours_s = time_scorer(plain, params, batches)
+    ceiling = max(before, measure_peak_flops())
+    print(f"matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s (before ours {before / 1e9:.1f})")
     path = resolve_model_path(DEFAULT_MODEL)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                  dtype=torch.float32).eval()
