@@ -87,7 +87,8 @@ def rope_tables(inv_freq: np.ndarray, max_position: int) -> tuple[np.ndarray, ..
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, tables: tuple[np.ndarray, ...]) -> jax.Array:
-    """Rotate `x` [batch, time, heads, head_dim] in the half-split layout that HF checkpoints use."""
+    """Rotate `x` [batch, time, heads, head_dim] in the half-split layout that HF checkpoints use.
+    Padding (a negative position) rotates as position 0; the tables end a step past the model's context."""
     cos_high, sin_high, cos_low, sin_low = (jnp.asarray(t) for t in tables)
     p = jnp.clip(positions, 0, (cos_high.shape[0] - 1) * ROPE_STEP + ROPE_STEP - 1)
     high, low = p // ROPE_STEP, p % ROPE_STEP
@@ -283,7 +284,7 @@ def _attend_by_row(q, k, v, mask, prefix_blocks, rule: ScoreRule, shards: int):
     return jnp.swapaxes(out, 0, 1).reshape((b,) + out.shape[2:])
 
 
-def _layer(cfg: ModelConfig, rope_tables, batch_shards: int | None, x, positions, lp, mask, cache_kv, prefix_kv, fresh,
+def _layer(cfg: ModelConfig, rotary, batch_shards: int | None, x, positions, lp, mask, cache_kv, prefix_kv, fresh,
            last_row=False):
     """One decoder block; returns the new residual stream and this layer's keys and values (the
     cache with the new tokens written in, or the new tokens' own when there is no cache).
@@ -308,8 +309,8 @@ def _layer(cfg: ModelConfig, rope_tables, batch_shards: int | None, x, positions
     if cfg.qk_norm:
         q = _norm(cfg, q, lp["q_norm"])
         k = _norm(cfg, k, lp["k_norm"])
-    q = apply_rope(q, positions[:, t - tq:], rope_tables)
-    k = apply_rope(k, positions, rope_tables)
+    q = apply_rope(q, positions[:, t - tq:], rotary)
+    k = apply_rope(k, positions, rotary)
     group = cfg.num_heads // cfg.num_kv_heads
     # [b, t, kv*group, hd] -> [b, kv, group, t, hd]: the query rows of one KV head side by side.
     q = q.reshape(b, tq, cfg.num_kv_heads, group, cfg.head_dim).transpose(0, 2, 3, 1, 4)
@@ -411,7 +412,8 @@ def forward(
 
     layers = {}  # one function per RoPE (Gemma 3's sliding layers have their own)
     for rope in {cfg.layer_rope(i) for i in range(cfg.num_layers)}:
-        layers[rope] = functools.partial(_layer, cfg, rope_tables(rope_inv_freq(rope, cfg.head_dim), cfg.max_position), batch_shards)
+        rotary = rope_tables(rope_inv_freq(rope, cfg.head_dim), cfg.max_position)
+        layers[rope] = functools.partial(_layer, cfg, rotary, batch_shards)
         if remat:
             layers[rope] = jax.checkpoint(layers[rope], static_argnums=(6, 7))  # `fresh`, `last_row`: Python bools
     new_k, new_v = [], []
