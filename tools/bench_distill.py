@@ -33,7 +33,7 @@ from dalign_jax.model.loader import DEFAULT_MODEL, load_model, resolve_model_pat
 from dalign_jax.parallel.mesh import make_mesh, shard_params  # noqa: E402
 from dalign_jax.stages.distill import distill_prompt_ids  # noqa: E402
 from dalign_jax.stages.judge import SCORE_PREFILL, judge_messages  # noqa: E402
-from dalign_jax.train.metrics import measure_peak_flops  # noqa: E402
+from dalign_jax.train.metrics import peak_flops_around  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COT = "Analysis: The user asks a question. VI-1 says history and analysis are allowed. Decision: comply"
@@ -113,11 +113,7 @@ def main():
     batches = [inputs[i:i + args.batch] for i in range(0, len(inputs), args.batch)]
     tokens = sum(len(p) for p in inputs)
     plain = Scorer(model.cfg, mesh, score_ids, prefix_min_tokens=0)
-    # The ceiling: the best of float32 matmuls timed just before and just after ours (the machine's
-    # speed drifts by up to 10% between runs, and a peak is never overstated by the fastest trial).
-    before = measure_peak_flops()
-    ours_s = time_scorer(plain, params, batches)
-    ceiling = max(before, measure_peak_flops())
+    ours_s, ceiling, before = peak_flops_around(lambda: time_scorer(plain, params, batches))
     print(f"matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s (before ours {before / 1e9:.1f})")
     path = resolve_model_path(DEFAULT_MODEL)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,

@@ -31,7 +31,7 @@ from dalign_jax.config import Train  # noqa: E402
 from dalign_jax.model.hf_io import export_hf  # noqa: E402
 from dalign_jax.model.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from dalign_jax.parallel.mesh import make_mesh  # noqa: E402
-from dalign_jax.train.metrics import measure_peak_flops, train_flops_per_token  # noqa: E402
+from dalign_jax.train.metrics import peak_flops_around, train_flops_per_token  # noqa: E402
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from dalign_jax.train.step import compile_train_step, device_batch, init_state, sft_loss  # noqa: E402
 from peer_timing import step_timer  # noqa: E402  (tools/ is on the path when a tool runs)
@@ -97,11 +97,8 @@ def main():
 
     model = load_model(DEFAULT_MODEL)
     batches = make_batches(model.cfg.vocab_size, args.batch, args.length, args.steps + 1)
-    # The ceiling: the best of float32 matmuls timed just before and just after ours (the machine's
-    # speed drifts by up to 10% between runs, and a peak is never overstated by the fastest trial).
-    before = measure_peak_flops()
-    ours, first_s, losses = bench_ours(model, batches, args.remat, not args.replicate_optimizer)
-    peak = max(before, measure_peak_flops())
+    (ours, first_s, losses), peak, before = peak_flops_around(
+        lambda: bench_ours(model, batches, args.remat, not args.replicate_optimizer))
     print(f"devices: {jax.devices()}; float32 matmul ceiling {peak / 1e9:.1f} GFLOP/s "
           f"(before ours {before / 1e9:.1f})", flush=True)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2

@@ -90,7 +90,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, tables: tuple[np.ndarray, ...
     """Rotate `x` [batch, time, heads, head_dim] in the half-split layout that HF checkpoints use.
     Padding (a negative position) rotates as position 0; the tables end a step past the model's context."""
     cos_high, sin_high, cos_low, sin_low = (jnp.asarray(t) for t in tables)
-    p = jnp.clip(positions, 0, (cos_high.shape[0] - 1) * ROPE_STEP + ROPE_STEP - 1)
+    p = jnp.clip(positions, 0, cos_high.shape[0] * ROPE_STEP - 1)
     high, low = p // ROPE_STEP, p % ROPE_STEP
     ch, sh, cl, sl = cos_high[high], sin_high[high], cos_low[low], sin_low[low]  # [b, t, hd/2]
     cos = (ch * cl - sh * sl)[:, :, None, :]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,8 @@ import numpy as np
 
 from dalign_jax.model.config import ModelConfig
 from dalign_jax.model.transformer import param_shapes
+
+T = TypeVar("T")
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -39,6 +42,15 @@ def measure_peak_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32) ->
         matmul(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best
+
+
+def peak_flops_around(work: Callable[[], T]) -> tuple[T, float, float]:
+    """`work()`'s result, the ceiling for it (the best float32 matmul rate timed just before and just
+    after it: the machine's speed drifts by up to 10% between runs, and a peak is never overstated by
+    its fastest trial), and the rate before alone (printed by the benchmarks)."""
+    before = measure_peak_flops()
+    result = work()
+    return result, max(before, measure_peak_flops()), before
 
 
 class MetricsLog:
