@@ -225,5 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `dalign` command: `main` in a process whose freed memory is reused (see hostmem)."""
+    from dalign_jax.hostmem import reexec_with_heap_reuse
+
+    reexec_with_heap_reuse()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -4,17 +4,25 @@ Same model (the embedded default, float32), same batches (BATCH rows of LENGTH r
 every token), same optimiser (AdamW, clipping at 1.0). Both are timed over the steps after the first
 (ours compiles there, the peer warms up). Ours runs first, so the peak resident memory printed for
 ours is the process's before PyTorch is loaded.
-On a CPU, ours runs data-parallel over one virtual XLA device per core (`--devices`, default: the
-core count; see cpu_devices.py). Measured on the 2-core machine (2026-11-30): 1 device 320-344 tokens/s,
-2 devices 321-333 (an earlier code and machine: 110 and 133, and 4 devices 85).
-Last lines: RESULT sft_tokens_per_s ours=<x> peer=<x> ratio=<ours/peer>, RESULT sft_mfu ours=<x>,
-RESULT sft_peak_rss_gb ours=<x>.
+On a CPU, ours runs on one XLA device (`--devices`), as `dalign sft` does there: with freed memory
+kept for reuse (dalign_jax/hostmem.py) one device ran 198 tokens/s against 174 for two on the 2-core
+machine (2026-11-30; before, both about 150 on that machine, 320-344 and 321-333 on a faster one).
+The process is started again with glibc's heap-reuse tunables, as `dalign` is, so the peer is timed
+twice: in a fresh process with glibc's default malloc, as HF's Trainer runs for its users (the
+headline ratio), and in this process, under our malloc settings.
+Last lines: RESULT sft_tokens_per_s_same_malloc ours=<x> peer=<x> ratio=<x>, RESULT sft_tokens_per_s
+ours=<x> peer=<x> ratio=<ours/peer>, RESULT sft_mfu ours=<x>, RESULT sft_peak_rss_gb ours=<x>.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
+import re
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,12 +30,13 @@ from pathlib import Path
 from cpu_devices import add_devices_argument, use_cpu_devices  # (tools/ is on the path when a tool runs)
 
 if __name__ == "__main__":  # the device count must be set before JAX is imported
-    use_cpu_devices()
+    use_cpu_devices(default=1)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dalign_jax.config import Train  # noqa: E402
+from dalign_jax.hostmem import OPT_OUT  # noqa: E402
 from dalign_jax.model.hf_io import export_hf  # noqa: E402
 from dalign_jax.model.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from dalign_jax.parallel.mesh import make_mesh  # noqa: E402
@@ -83,6 +92,18 @@ def bench_peer(model_dir, batches):
     return batches[0].size * (len(timer.times) - 1) / sum(timer.times[1:])
 
 
+def bench_peer_as_shipped(model_dir, args) -> float:
+    """The peer in a fresh process with glibc's default malloc, as HF's Trainer runs for its users (this
+    process keeps freed memory for reuse, as `dalign` does, and the peer here gains from that too)."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env[OPT_OUT] = "1"
+    command = [sys.executable, __file__, f"--peer-only={model_dir}", f"--batch={args.batch}",
+               f"--length={args.length}", f"--steps={args.steps}"]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    print(out, end="", flush=True)
+    return float(re.search(r"^peer_tokens_per_s=(\S+)$", out, re.M).group(1))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=4)
@@ -92,9 +113,15 @@ def main():
     parser.add_argument("--replicate-optimizer", action="store_true",
                         help="every data-parallel device updates all parameters (default: each its share)")
     parser.add_argument("--skip-peer", action="store_true")
-    add_devices_argument(parser)
+    parser.add_argument("--peer-only", help=argparse.SUPPRESS)  # the as-shipped peer's own process: a model dir
+    add_devices_argument(parser, default=1)
     args = parser.parse_args()
 
+    if args.peer_only:
+        vocab = json.loads((Path(args.peer_only) / "config.json").read_text())["vocab_size"]
+        batches = make_batches(vocab, args.batch, args.length, args.steps + 1)
+        print(f"peer_tokens_per_s={bench_peer(Path(args.peer_only), batches)}")
+        return
     model = load_model(DEFAULT_MODEL)
     batches = make_batches(model.cfg.vocab_size, args.batch, args.length, args.steps + 1)
     (ours, first_s, losses), peak, before = peak_flops_around(
@@ -104,12 +131,15 @@ def main():
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     mfu = ours * train_flops_per_token(model.cfg) / peak
     print(f"ours: {ours:.1f} tokens/s, first step (compiles) {first_s:.1f} s, losses {np.round(losses, 3)}", flush=True)
-    peer = float("nan")
+    peer = same_malloc_peer = float("nan")
     if not args.skip_peer:
         with tempfile.TemporaryDirectory() as tmp:
             export_hf(Path(tmp) / "model", model.hf_config, model.cfg, model.params, model.tokenizer)
-            peer = bench_peer(Path(tmp) / "model", batches)
-    print(f"peer: {peer:.1f} tokens/s", flush=True)
+            peer = bench_peer_as_shipped(Path(tmp) / "model", args)
+            same_malloc_peer = bench_peer(Path(tmp) / "model", batches)
+    print(f"peer: {peer:.1f} tokens/s as shipped, {same_malloc_peer:.1f} with our malloc settings", flush=True)
+    print(f"RESULT sft_tokens_per_s_same_malloc ours={ours:.1f} peer={same_malloc_peer:.1f} "
+          f"ratio={ours / same_malloc_peer:.2f}")
     print(f"RESULT sft_tokens_per_s ours={ours:.1f} peer={peer:.1f} ratio={ours / peer:.2f}")
     print(f"RESULT sft_mfu ours={mfu:.2f}")
     print(f"RESULT sft_peak_rss_gb ours={rss_gb:.2f}")

@@ -9,15 +9,21 @@ from __future__ import annotations
 import os
 import sys
 
+from dalign_jax.hostmem import reexec_with_heap_reuse
 
-def add_devices_argument(parser) -> None:
+
+def add_devices_argument(parser, default: int | None = None) -> None:
     """`--devices` in the tool's help (its value is read by `use_cpu_devices`, before JAX starts)."""
-    parser.add_argument("--devices", default=str(os.cpu_count() or 1),
+    parser.add_argument("--devices", default=str(default or os.cpu_count() or 1),
                         help="virtual CPU devices for ours (give as --devices=N; read before JAX starts)")
 
 
-def use_cpu_devices() -> str:
-    """Set the virtual device count from `--devices=N` (default: the core count); return it."""
-    count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), str(os.cpu_count() or 1))
+def use_cpu_devices(default: int | None = None) -> str:
+    """Set the virtual device count from `--devices=N` (`default`, or the core count); return it. First
+    the process is started again with freed memory kept for reuse, as `dalign` runs (see
+    dalign_jax/hostmem.py): the peer, run in the same process, has the same malloc."""
+    reexec_with_heap_reuse()
+    default = str(default or os.cpu_count() or 1)
+    count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), default)
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
     return count
