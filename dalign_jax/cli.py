@@ -225,11 +225,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def entry() -> None:
-    """The `dalign` command: `main` in a process whose freed memory is reused (see hostmem)."""
-    from dalign_jax.hostmem import reexec_with_heap_reuse
+# The stages that train run in a process whose freed memory is reused (see hostmem): an SFT step of
+# the default model took 5.0 s instead of 6.2-6.6 on the 2-core machine. The sampler loses there
+# (distill's sampling 133-139 tokens/s against 146-148, one malloc arena shared by every thread), so
+# the other commands, `run` included, keep glibc's default.
+HEAP_REUSE_COMMANDS = ("sft", "rl")
 
-    reexec_with_heap_reuse()
+
+def entry() -> None:
+    """The `dalign` command."""
+    if len(sys.argv) > 1 and sys.argv[1] in HEAP_REUSE_COMMANDS:
+        from dalign_jax.hostmem import reexec_with_heap_reuse
+
+        reexec_with_heap_reuse()
     sys.exit(main())
 
 

@@ -10,8 +10,9 @@ after the first step). That is what jemalloc or tcmalloc under LD_PRELOAD do for
 with glibc's own documented tunables and nothing to install.
 
 The tunables are read when a process starts, so `reexec_with_heap_reuse` runs the same command again
-with them set; the command-line entry points and the benchmarks call it before anything else. The
-price: the process keeps its peak heap until it exits. `DALIGN_SYSTEM_MALLOC=1` leaves malloc as it is.
+with them set; `dalign sft`, `dalign rl` and tools/bench_sft.py call it before anything else (the
+sampler is slower with one arena: see cli.HEAP_REUSE_COMMANDS). The price: the process keeps its peak
+heap until it exits. `DALIGN_SYSTEM_MALLOC=1` leaves malloc as it is.
 """
 from __future__ import annotations
 

@@ -4,10 +4,7 @@
   context, prefix shared), after one warm-up call.
 - judge_prefill_tokens_per_s: judge inputs (spec(category) + conversation + CoT + answer) scored with
   our compiled forward pass against transformers' forward (PyTorch, CPU) on the same inputs in the
-  same batches, both without prefix caching and both computing the last position's logits only. The
-  process is started again with glibc's heap-reuse tunables, as `dalign` is (dalign_jax/hostmem.py),
-  so the peer is timed in a fresh process with glibc's default malloc, as transformers runs for its
-  users (this line), and in this process under the same malloc (..._same_malloc).
+  same batches, both without prefix caching and both computing the last position's logits only.
 - judge_prefill_mfu: our prefill's matmul FLOP rate over the float32 matmul ceiling measured around it: the
   projections' products, and attention's (each query against its own and earlier keys, as a causal
   model needs; the keys after it, which no implementation needs, are not counted).
@@ -17,12 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +29,6 @@ from dalign_jax.data.spec import load_spec  # noqa: E402
 from dalign_jax.engine.chat import encode_chat  # noqa: E402
 from dalign_jax.engine.sampler import Sampler, SamplingParams  # noqa: E402
 from dalign_jax.engine.scorer import Scorer, score_tokens  # noqa: E402
-from dalign_jax.hostmem import OPT_OUT  # noqa: E402
 from dalign_jax.model.loader import DEFAULT_MODEL, load_model, resolve_model_path  # noqa: E402
 from dalign_jax.parallel.mesh import make_mesh, shard_params  # noqa: E402
 from dalign_jax.stages.distill import distill_prompt_ids  # noqa: E402
@@ -87,39 +77,15 @@ def peer_prefill(hf_model, batches, pad_id) -> float:
     return time.perf_counter() - t0
 
 
-def load_peer():
-    import torch
-    import transformers
-
-    path = resolve_model_path(DEFAULT_MODEL)
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                             dtype=torch.float32).eval()
-
-
-def peer_prefill_as_shipped(batches, pad_id) -> float:
-    """`peer_prefill` in a fresh process with glibc's default malloc, as transformers runs for its users
-    (this process keeps freed memory for reuse, as `dalign` does, and the peer here gains from it too)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        inputs = Path(tmp) / "batches.json"
-        inputs.write_text(json.dumps({"batches": batches, "pad_id": pad_id}))
-        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-        env[OPT_OUT] = "1"
-        out = subprocess.run([sys.executable, __file__, f"--peer-only={inputs}"], env=env, capture_output=True,
-                             text=True, check=True).stdout
-    return float(re.search(r"^peer_prefill_s=(\S+)$", out, re.M).group(1))
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--judge-inputs", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--peer-only", help=argparse.SUPPRESS)  # the as-shipped peer's own process: inputs
     add_devices_argument(parser)
     args = parser.parse_args()
-    if args.peer_only:
-        job = json.loads(Path(args.peer_only).read_text())
-        print(f"peer_prefill_s={peer_prefill(load_peer(), job['batches'], job['pad_id'])}")
-        return
+
+    import torch
+    import transformers
 
     spec = load_spec(ROOT / "specs")
     prompts = split(read_prompts(ROOT / "specs/prompts/safety_prompts.jsonl", spec.categories), "train")
@@ -149,9 +115,10 @@ def main():
     plain = Scorer(model.cfg, mesh, score_ids, prefix_min_tokens=0)
     ours_s, ceiling, before = peak_flops_around(lambda: time_scorer(plain, params, batches))
     print(f"matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s (before ours {before / 1e9:.1f})")
-    pad_id = model.tokenizer.pad_token_id or 0
-    peer_s = peer_prefill_as_shipped(batches, pad_id)
-    same_malloc_peer_s = peer_prefill(load_peer(), batches, pad_id)
+    path = resolve_model_path(DEFAULT_MODEL)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                 dtype=torch.float32).eval()
+    peer_s = peer_prefill(hf_model, batches, model.tokenizer.pad_token_id or 0)
     # The matmul FLOPs needed: the projections of every layer for every token, except that the last
     # layer makes only its keys and values for all but each input's last token (`forward(last_only=
     # True)`), the vocabulary projection of one token per input left out, as before; and attention's
@@ -186,8 +153,6 @@ def main():
           f"{without:.1f} s without, {with_cache:.1f} s with")
 
     print(f"RESULT distill_tokens_per_s ours={distill_tps:.1f}")
-    print(f"RESULT judge_prefill_tokens_per_s_same_malloc ours={tokens / ours_s:.1f} "
-          f"peer={tokens / same_malloc_peer_s:.1f} ratio={same_malloc_peer_s / ours_s:.2f}")
     print(f"RESULT judge_prefill_tokens_per_s ours={tokens / ours_s:.1f} peer={tokens / peer_s:.1f} "
           f"ratio={peer_s / ours_s:.2f}")
     print(f"RESULT judge_prefill_mfu ours={mfu:.2f}")

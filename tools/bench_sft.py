@@ -29,14 +29,16 @@ from pathlib import Path
 
 from cpu_devices import add_devices_argument, use_cpu_devices  # (tools/ is on the path when a tool runs)
 
-if __name__ == "__main__":  # the device count must be set before JAX is imported
+from dalign_jax.hostmem import OPT_OUT, reexec_with_heap_reuse
+
+if __name__ == "__main__":  # as `dalign sft` runs (see dalign_jax/hostmem.py); the device count before JAX starts
+    reexec_with_heap_reuse()
     use_cpu_devices(default=1)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dalign_jax.config import Train  # noqa: E402
-from dalign_jax.hostmem import OPT_OUT  # noqa: E402
 from dalign_jax.model.hf_io import export_hf  # noqa: E402
 from dalign_jax.model.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from dalign_jax.parallel.mesh import make_mesh  # noqa: E402

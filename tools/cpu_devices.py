@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-from dalign_jax.hostmem import reexec_with_heap_reuse
-
 
 def add_devices_argument(parser, default: int | None = None) -> None:
     """`--devices` in the tool's help (its value is read by `use_cpu_devices`, before JAX starts)."""
@@ -19,10 +17,7 @@ def add_devices_argument(parser, default: int | None = None) -> None:
 
 
 def use_cpu_devices(default: int | None = None) -> str:
-    """Set the virtual device count from `--devices=N` (`default`, or the core count); return it. First
-    the process is started again with freed memory kept for reuse, as `dalign` runs (see
-    dalign_jax/hostmem.py): the peer, run in the same process, has the same malloc."""
-    reexec_with_heap_reuse()
+    """Set the virtual device count from `--devices=N` (`default`, or the core count); return it."""
     default = str(default or os.cpu_count() or 1)
     count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), default)
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
