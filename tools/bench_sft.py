@@ -7,7 +7,7 @@ ours is the process's before PyTorch is loaded.
 On a CPU, ours runs on one XLA device (`--devices`), as `dalign sft` does there: with freed memory
 kept for reuse (dalign_jax/hostmem.py) one device ran 198 tokens/s against 174 for two on the 2-core
 machine (2026-11-30; before, both about 150 on that machine, 320-344 and 321-333 on a faster one).
-The process is started again with glibc's heap-reuse tunables, as `dalign` is, so the peer is timed
+The process is started again with glibc's heap-reuse tunables, as `dalign sft` is, so the peer is timed
 twice: in a fresh process with glibc's default malloc, as HF's Trainer runs for its users (the
 headline ratio), and in this process, under our malloc settings.
 Last lines: RESULT sft_tokens_per_s_same_malloc ours=<x> peer=<x> ratio=<x>, RESULT sft_tokens_per_s
