@@ -31,9 +31,11 @@ from cpu_devices import add_devices_argument, use_cpu_devices  # (tools/ is on t
 
 from dalign_jax.hostmem import OPT_OUT, reexec_with_heap_reuse
 
+OUR_DEVICES = 1  # the default of --devices: one, as `dalign sft` runs on a CPU
+
 if __name__ == "__main__":  # as `dalign sft` runs (see dalign_jax/hostmem.py); the device count before JAX starts
     reexec_with_heap_reuse()
-    use_cpu_devices(default=1)
+    use_cpu_devices(default=OUR_DEVICES)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -116,7 +118,7 @@ def main():
                         help="every data-parallel device updates all parameters (default: each its share)")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--peer-only", help=argparse.SUPPRESS)  # the as-shipped peer's own process: a model dir
-    add_devices_argument(parser, default=1)
+    add_devices_argument(parser, default=OUR_DEVICES)
     args = parser.parse_args()
 
     if args.peer_only:
