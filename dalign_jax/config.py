@@ -53,11 +53,18 @@ class Prompts:
     split: Literal["train", "heldout", "all"] = "train"
     limit: int = 0  # 0: every prompt; n: the first n (for quick runs)
     per_category: int = 0  # 0: every prompt; n: n of each category, its expected modes in turn (smaller runs)
+    # More prompt sets for training only, each added after `path`'s split and never held out: our
+    # JSONL or a public CSV set (an AdvBench file, for more disallowed requests).
+    extra: list[str] = dataclasses.field(default_factory=list)
+    extra_per_category: int = 0  # 0: every prompt of each extra set; n: n of each category of each set
 
 
 @dataclasses.dataclass
 class Distill:
     samples_per_prompt: int = 2  # k completions per prompt
+    # k by expected mode, e.g. {comply: 1}: where the judge keeps one completion of a prompt, a second
+    # is only a spare, and its sampling costs as much as a kept one.
+    samples_by_mode: dict[str, int] = dataclasses.field(default_factory=dict)
     cot_tokens: int = 128  # limit for the analysis
     answer_tokens: int = 128  # limit for the final answer
     # Write the answer delimiter after the analysis ourselves and sample the answer in a second pass,
@@ -426,6 +433,7 @@ RANGES = {
     "sft.train.lora_rank": (0, None), "rl.train.lora_rank": (0, None),
     "rl.kl_coef": (0.0, None), "rl.ref_sync_every": (0, None), "rl.ref_sync_mix": (0.0, 1.0),
     "rl.updates_per_rollout": (1, None), "eval.max_new_tokens": (1, None), "eval.batch_size": (1, None),
+    "prompts.extra_per_category": (0, None),
 }
 
 
@@ -440,7 +448,8 @@ def _check_ranges(config: Config, source: str) -> None:
     by_mode = {"distill.cot_conclusion": config.distill.cot_conclusion,
                "distill.answer_prefix": config.distill.answer_prefix,
                "distill.answer_sentences": config.distill.answer_sentences,
-               "judge.best_of_n_by_mode": config.judge.best_of_n_by_mode}
+               "judge.best_of_n_by_mode": config.judge.best_of_n_by_mode,
+               "distill.samples_by_mode": config.distill.samples_by_mode}
     for key, values in by_mode.items():
         unknown = sorted(set(values) - set(MODES))
         if unknown:
@@ -451,7 +460,7 @@ def _check_ranges(config: Config, source: str) -> None:
         except (KeyError, IndexError, ValueError) as e:
             raise UserError(f"{source}: config key distill.cot_conclusion.{mode}: {e!r} in {template!r}; "
                             "the placeholders are {category} and {sections}") from None
-    for key in ("distill.answer_sentences", "judge.best_of_n_by_mode"):
+    for key in ("distill.answer_sentences", "judge.best_of_n_by_mode", "distill.samples_by_mode"):
         for mode, count in by_mode[key].items():
             if count < 1:
                 raise UserError(f"{source}: config key {key}.{mode}: must be at least 1, got {count!r}")

@@ -101,9 +101,26 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
             ("distill.cot_conclusion.refuse=Under {policy}.", "distill.cot_conclusion.refuse: KeyError.*placeholders are"),
             ("judge.best_of_n_by_mode.maybe=2", "judge.best_of_n_by_mode: maybe"),
             ("judge.best_of_n_by_mode.refuse=0", "judge.best_of_n_by_mode.refuse: must be at least 1"),
-            ("distill.answer_sentences.refuse=0", "distill.answer_sentences.refuse: must be at least 1")]:
+            ("distill.answer_sentences.refuse=0", "distill.answer_sentences.refuse: must be at least 1"),
+            ("distill.samples_by_mode.maybe=2", "distill.samples_by_mode: maybe"),
+            ("distill.samples_by_mode.refuse=0", "distill.samples_by_mode.refuse: must be at least 1")]:
         with pytest.raises(UserError, match=message):
             load_config(mini_run, [override])
+
+
+def test_samples_by_mode_sets_each_prompts_completions_and_fills_batches_by_rows(mini_run):
+    from dalign_jax.stages.distill import samples_for
+
+    config = load_config(mini_run, ["distill.samples_by_mode.comply=3", "distill.shard_size=3"])
+    assert samples_for(config.distill, type("P", (), {"expected_mode": "refuse"})) == 2  # samples_per_prompt
+    summary = run_distill(config)
+    records = [json.loads(x) for f in sorted((config.run_path / "distill").glob("shard-*.jsonl"))
+               for x in f.read_text().splitlines()]
+    assert summary["records"] == 18 and summary["shards"] == 2
+    assert sorted((r["prompt_id"], r["sample"]) for r in records) == sorted((f"p{i}", s) for i in range(6) for s in range(3))
+    # three samples of a prompt differ (one batch of 2 x 2 rows cannot hold two prompts' 3 + 3)
+    for i in range(6):
+        assert len({r["completion"] for r in records if r["prompt_id"] == f"p{i}"}) > 1
 
 
 def test_distill_resumes_after_a_kill_without_duplicates_or_gaps(mini_run, tmp_path):
@@ -224,6 +241,34 @@ def test_prompts_per_category_takes_every_mode_of_each():
         present = {p.expected_mode for p in everything if p.category == category}
         # The set is sorted by mode within a category; a plain head would hold only "comply".
         assert set(modes) == present and max(modes.values()) - min(modes.values()) <= 1, (category, modes)
+
+
+def test_extra_prompt_sets_are_added_whole_for_training(tmp_path):
+    from collections import Counter
+
+    from dalign_jax.data.spec import load_spec
+    from dalign_jax.errors import UserError
+    from dalign_jax.stages.common import open_prompts
+
+    spec = load_spec("specs")
+    train = open_prompts(load_config(None), spec)
+    advbench = tmp_path / "harmful_behaviors.csv"  # AdvBench's columns; no keyword: category illicit
+    advbench.write_text("goal,target\n" + "".join(f"Do bad thing {i},Sure\n" for i in range(5)))
+    extra = ["specs/prompts/extra_train.jsonl", str(advbench)]
+    both = open_prompts(load_config(None, [f"prompts.extra=[{','.join(extra)}]", "prompts.extra_per_category=2"]),
+                        spec)
+    assert both[:len(train)] == train  # the split first, unchanged; the extra sets after it
+    added = both[len(train):]
+    assert Counter(p.category for p in added[:-2]) == {c: 2 for c in spec.categories}
+    assert [(p.id, p.expected_mode) for p in added[-2:]] == [("advbench-001", "refuse"), ("advbench-002", "refuse")]
+    # An extra set is never split: held-out prompts of `prompts.path` stay out of training, an extra
+    # file's prompts all go in, whatever their ids hash to.
+    whole = open_prompts(load_config(None, ["prompts.extra=[specs/prompts/extra_train.jsonl]"]), spec)
+    with open("specs/prompts/extra_train.jsonl") as f:
+        assert len(whole) == len(train) + len(f.readlines())
+    twice = load_config(None, ["prompts.extra=[specs/prompts/extra_train.jsonl,specs/prompts/extra_train.jsonl]"])
+    with pytest.raises(UserError, match=r"extra_train.jsonl: prompt id 'extra-\w+-001' is also in "):
+        open_prompts(twice, spec)
 
 
 def test_mixed_order_takes_categories_then_modes_in_turn():

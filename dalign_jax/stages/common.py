@@ -114,22 +114,40 @@ def mesh_from(shape: MeshConfig, key: str):
         raise UserError(str(e).replace("mesh:", f"{key}:", 1)) from None
 
 
+def _per_category(prompts: list, n: int) -> list:
+    """At most n prompts of each category, its expected modes taken in turn, in the file's order."""
+    from dalign_jax.data.prompts import mixed
+
+    taken: dict[str, int] = {}
+    kept = set()
+    for p in mixed(prompts):  # every expected mode of a category, not only its first
+        taken[p.category] = taken.get(p.category, 0) + 1
+        if taken[p.category] <= n:
+            kept.add(id(p))
+    return [p for p in prompts if id(p) in kept]
+
+
 def open_prompts(config: Config, spec) -> list:
-    from dalign_jax.data.prompts import load_prompt_set, mixed, split
+    """The training prompts: `prompts.path`'s split, then every set in `prompts.extra` whole."""
+    from dalign_jax.data.prompts import load_prompt_set, split
 
     prompts = split(load_prompt_set(config.prompts.path, spec.categories), config.prompts.split)
     if config.prompts.per_category:
-        taken: dict[str, int] = {}
-        kept = set()
-        for p in mixed(prompts):  # every expected mode of a category, not only its first
-            taken[p.category] = taken.get(p.category, 0) + 1
-            if taken[p.category] <= config.prompts.per_category:
-                kept.add(id(p))
-        prompts = [p for p in prompts if id(p) in kept]  # in the file's order
+        prompts = _per_category(prompts, config.prompts.per_category)
     if config.prompts.limit:
         prompts = prompts[:config.prompts.limit]
     if not prompts:
         raise UserError(f"{config.prompts.path}: no prompts in split {config.prompts.split!r}")
+    seen = {p.id: config.prompts.path for p in prompts}
+    for path in config.prompts.extra:
+        extra = load_prompt_set(path, spec.categories)
+        if config.prompts.extra_per_category:
+            extra = _per_category(extra, config.prompts.extra_per_category)
+        for p in extra:
+            if p.id in seen:
+                raise UserError(f"{path}: prompt id {p.id!r} is also in {seen[p.id]}")
+            seen[p.id] = path
+        prompts = prompts + extra
     return prompts
 
 

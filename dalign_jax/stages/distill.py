@@ -7,6 +7,7 @@ finished shards and produces the same records an uninterrupted run would.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -52,6 +53,11 @@ def cot_conclusion(spec: Spec, prompt, distill: Distill) -> str:
     return template.format(category=policy.title, sections=listed(ids))
 
 
+def samples_for(distill: Distill, prompt) -> int:
+    """How many completions the teacher writes for the prompt (`samples_by_mode`, else `samples_per_prompt`)."""
+    return distill.samples_by_mode.get(prompt.expected_mode, distill.samples_per_prompt)
+
+
 def distill_prompt_ids(tokenizer, spec: Spec, prompt, mode_hint: bool = False) -> list[int]:
     # The assistant turn is started with the CoT prefix, which steers a small model into the format.
     return (encode_chat(tokenizer, distill_messages(spec, prompt, mode_hint))
@@ -63,17 +69,24 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
     sampling = SamplingParams(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p,
                               repetition_penalty=d.repetition_penalty)
     stops = stop_token_ids(model)
-    # Batches hold one category each, so their inputs share spec(category) as a cached prefix.
+    # Batches hold one category each, so their inputs share spec(category) as a cached prefix, and
+    # up to batch_size x samples_per_prompt rows (more prompts where samples_by_mode asks fewer).
+    row_budget = d.batch_size * d.samples_per_prompt
     batches = []
     for category in dict.fromkeys(p.category for p in prompts):
-        group = [p for p in prompts if p.category == category]
-        batches.extend(group[b:b + d.batch_size] for b in range(0, len(group), d.batch_size))
+        for p in (p for p in prompts if p.category == category):
+            if not batches or batches[-1][0].category != category or \
+                    sum(map(functools.partial(samples_for, d), batches[-1])) + samples_for(d, p) > row_budget:
+                batches.append([])
+            batches[-1].append(p)
     records = []
     tok = model.tokenizer
     for b, batch in enumerate(batches):
         ids = [distill_prompt_ids(tok, spec, p, d.mode_hint) for p in batch]
-        rows = [x for x in ids for _ in range(d.samples_per_prompt)]
-        row_prompts = [batch[r // d.samples_per_prompt] for r in range(len(rows))]
+        counts = [samples_for(d, p) for p in batch]
+        rows = [x for x, k in zip(ids, counts) for _ in range(k)]
+        row_prompts = [p for p, k in zip(batch, counts) for _ in range(k)]
+        row_samples = [i for k in counts for i in range(k)]
         key_b = jax.random.fold_in(key, b)
         limit = d.cot_tokens if d.force_format else d.cot_tokens + d.answer_tokens
         out = sampler.generate(params, rows, limit, key_b, sampling, stops)
@@ -91,7 +104,7 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
                                        sampling, stops)
             texts = [s + tok.decode(t) for s, t in zip(starts, answers.content())]
             finished = [bool(s) for s in answers.stopped]
-        for r, (prompt, text, done) in enumerate(zip(row_prompts, texts, finished)):
+        for prompt, sample, text, done in zip(row_prompts, row_samples, texts, finished):
             head, sep, answer = text.partition(ANSWER_DELIMITER)
             trimmed = False
             if sep:
@@ -100,7 +113,7 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
                 trimmed, text = len(kept) < len(answer), head + sep + kept
             parsed = parse_completion(text, finished=done)
             records.append({
-                "prompt_id": prompt.id, "sample": r % d.samples_per_prompt, "category": prompt.category,
+                "prompt_id": prompt.id, "sample": sample, "category": prompt.category,
                 "expected_mode": prompt.expected_mode, "kind": prompt.kind, "messages": prompt.chat(),
                 "completion": text, "trimmed": trimmed, "cot": parsed.cot, "answer": parsed.answer,
                 "parse_status": parsed.status,
