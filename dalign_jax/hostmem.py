@@ -10,9 +10,10 @@ after the first step). That is what jemalloc or tcmalloc under LD_PRELOAD do for
 with glibc's own documented tunables and nothing to install.
 
 The tunables are read when a process starts, so `reexec_with_heap_reuse` runs the same command again
-with them set; `dalign sft`, `dalign rl` and tools/bench_sft.py call it before anything else (the
-sampler is slower with one arena: see cli.HEAP_REUSE_COMMANDS). The price: the process keeps its peak
-heap until it exits. `DALIGN_SYSTEM_MALLOC=1` leaves malloc as it is.
+with them set; `dalign sft`, `dalign rl` and tools/bench_sft.py call it before anything else, and
+`dalign run` runs those two stages as such child processes (the sampler is slower with one arena: see
+cli.HEAP_REUSE_COMMANDS). The price: the process keeps its peak heap until it exits.
+`DALIGN_SYSTEM_MALLOC=1` leaves malloc as it is.
 """
 from __future__ import annotations
 
@@ -36,11 +37,16 @@ def heap_reuse_environment(environ: dict[str, str]) -> dict[str, str] | None:
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [current, *HEAP_REUSE_TUNABLES]))}
 
 
+def heap_reuse_supported() -> bool:
+    """Linux with glibc, whose malloc reads the tunables."""
+    return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
 def reexec_with_heap_reuse() -> None:
     """Replace this process with the same command under the heap-reuse tunables (same pid, same
     arguments), unless they are set already, opted out of, or this is not Linux with glibc. Call it
     first thing: output written before it would be lost."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if not heap_reuse_supported():
         return
     environ = heap_reuse_environment(dict(os.environ))
     if environ is None:

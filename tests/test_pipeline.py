@@ -1,5 +1,7 @@
 """`dalign run` end to end on the tiny model: every stage, the report, and an export transformers loads."""
 import json
+import os
+import platform
 import subprocess
 import sys
 
@@ -55,6 +57,30 @@ def test_run_every_stage_then_report(mini_run, tmp_path, capsys):
     assert main(["run", str(mini_run)] + overrides) == 0
 
 
+def test_run_trains_in_child_processes_that_reuse_freed_memory(mini_run, tmp_path, monkeypatch):
+    """On Linux with glibc and XLA:CPU, `dalign run` runs sft and rl as `dalign sft` / `dalign rl`
+    child processes (which re-execute under the heap-reuse tunables); a failing child is an error
+    naming its stage, and the opt-out keeps them in the process."""
+    import pytest
+
+    from dalign_jax.config import load_config
+    from dalign_jax.errors import UserError
+    from dalign_jax.stages.pipeline import run_in_child_process, training_in_child_process
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("heap reuse is for Linux with glibc")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("DALIGN_SYSTEM_MALLOC", raising=False)
+    assert training_in_child_process()
+    monkeypatch.setenv("DALIGN_SYSTEM_MALLOC", "1")
+    assert not training_in_child_process()
+    monkeypatch.delenv("DALIGN_SYSTEM_MALLOC")
+    config = load_config(mini_run, pipeline_overrides(tmp_path) + [f"sft.data={tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(UserError, match=r"^sft: its process exited with status 2"):
+        run_in_child_process("sft", config, force=False)
+    assert not list(config.run_path.glob(".sft-config-*"))  # the resolved config it was given is gone
+
+
 def test_run_every_stage_on_gemma2_whose_template_has_no_system_role(tiny_models, tmp_path, capsys):
     """Distill and judge put the spec in a system turn, which Gemma 2's template refuses; the run
     completes, and its export is a Gemma 2 directory that transformers loads and agrees with."""
@@ -86,7 +112,9 @@ def test_run_needs_no_pytorch(mini_run, tmp_path):
     script = ("import sys; sys.modules['torch'] = None\n"
               "from dalign_jax.cli import main\n"
               "rc = main(sys.argv[1:]); assert 'torch' not in [m for m, v in sys.modules.items() if v]; sys.exit(rc)")
+    # DALIGN_SYSTEM_MALLOC keeps sft and rl in this process too, where torch is made unimportable.
     result = subprocess.run([sys.executable, "-c", script, "run", str(mini_run)] + pipeline_overrides(tmp_path),
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "DALIGN_SYSTEM_MALLOC": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "report.html").is_file()

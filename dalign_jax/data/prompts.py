@@ -51,7 +51,7 @@ def split(prompts: Iterable[Prompt], part: str) -> list[Prompt]:
     return [p for p in prompts if part == "all" or is_heldout(p.id) == (part == "heldout")]
 
 
-def _grouped(prompts: Iterable[Prompt], key) -> list[list[Prompt]]:
+def grouped(prompts: Iterable[Prompt], key) -> list[list[Prompt]]:
     """The prompts in groups of equal `key`, groups in first-seen order, order within a group kept."""
     groups: dict = {}
     for p in prompts:
@@ -61,14 +61,14 @@ def _grouped(prompts: Iterable[Prompt], key) -> list[list[Prompt]]:
 
 def interleave(prompts: Iterable[Prompt], key) -> list[Prompt]:
     """The prompts taken in turn from each group of equal `key`, groups in first-seen order."""
-    queues = _grouped(prompts, key)
+    queues = grouped(prompts, key)
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
 def mixed(prompts: Iterable[Prompt]) -> list[Prompt]:
     """Every category in turn and, within a category, every expected mode in turn: prompt sets are
     sorted by category and mostly by mode, so that any head of this order covers all of them alike."""
-    within = [p for group in _grouped(prompts, lambda p: p.category)
+    within = [p for group in grouped(prompts, lambda p: p.category)
               for p in interleave(group, lambda p: p.expected_mode)]
     return interleave(within, lambda p: p.category)
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from dalign_jax.config import Config, Distill
 from dalign_jax.data.completion import (ANSWER_DELIMITER, COT_PREFIX, DISTILL_INSTRUCTIONS, end_on_decision,
                                         parse_completion, trim_answer)
+from dalign_jax.data.prompts import grouped
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler, SamplingParams
@@ -144,6 +145,10 @@ def run_distill(config: Config, force: bool = False) -> dict:
     mesh = open_mesh(config)
     params = shard_params(model.params, mesh)
     sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
+    # Shards take the prompts category by category (an extra set's after the main set's would
+    # otherwise open a second run of every category): batches hold one category each, and every
+    # category cut in two by a shard or a set boundary leaves one more part-filled batch.
+    prompts = [p for group in grouped(prompts, lambda p: p.category) for p in group]
     size = config.distill.shard_size
     shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
     key = jax.random.key(config.seed)
