@@ -2,13 +2,12 @@
 serves a second large allocation without new page faults."""
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-from dalign_jax.hostmem import HEAP_REUSE_TUNABLES, OPT_OUT, heap_reuse_environment
+from dalign_jax.hostmem import HEAP_REUSE_TUNABLES, OPT_OUT, heap_reuse_environment, heap_reuse_supported
 
 # Run by the child: re-exec as `dalign` does, then malloc and write 256 MB twice, freeing it between.
 CHILD = """
@@ -55,7 +54,7 @@ def _child(opt_out: bool) -> dict:
     return report
 
 
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc tunables only")
+@pytest.mark.skipif(not heap_reuse_supported(), reason="glibc tunables only")
 def test_a_second_large_allocation_reuses_the_first_ones_pages():
     pages = (256 << 20) // 4096
     reused = _child(opt_out=False)

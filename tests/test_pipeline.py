@@ -1,7 +1,6 @@
 """`dalign run` end to end on the tiny model: every stage, the report, and an export transformers loads."""
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -65,9 +64,10 @@ def test_run_trains_in_child_processes_that_reuse_freed_memory(mini_run, tmp_pat
 
     from dalign_jax.config import load_config
     from dalign_jax.errors import UserError
+    from dalign_jax.hostmem import heap_reuse_supported
     from dalign_jax.stages.pipeline import run_in_child_process, training_in_child_process
 
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if not heap_reuse_supported():
         pytest.skip("heap reuse is for Linux with glibc")
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("DALIGN_SYSTEM_MALLOC", raising=False)

@@ -7,7 +7,6 @@ finished shards and produces the same records an uninterrupted run would.
 """
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
@@ -74,12 +73,15 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
     # up to batch_size x samples_per_prompt rows (more prompts where samples_by_mode asks fewer).
     row_budget = d.batch_size * d.samples_per_prompt
     batches = []
-    for category in dict.fromkeys(p.category for p in prompts):
-        for p in (p for p in prompts if p.category == category):
-            if not batches or batches[-1][0].category != category or \
-                    sum(map(functools.partial(samples_for, d), batches[-1])) + samples_for(d, p) > row_budget:
+    for group in grouped(prompts, lambda p: p.category):
+        batches.append([])
+        filled = 0  # rows in the last batch
+        for p in group:
+            if batches[-1] and filled + samples_for(d, p) > row_budget:
                 batches.append([])
+                filled = 0
             batches[-1].append(p)
+            filled += samples_for(d, p)
     records = []
     tok = model.tokenizer
     for b, batch in enumerate(batches):
