@@ -73,6 +73,10 @@ class ModelConfig:
     # shared-prefix blocks and chunked prefill) or "fused" (jax.nn.dot_product_attention, which picks
     # a fused kernel such as cuDNN's flash attention on accelerators). The results agree.
     attention: str = "einsum"
+    # Also not architecture: "bfloat16" rounds the operands of the projections and the output head to
+    # bfloat16 and sums their products in float32 (`linear_bf16`); weights and activations stay as
+    # they are. "float32": exact float32 products.
+    matmul_dtype: str = "float32"
 
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer `i`, None for full attention."""

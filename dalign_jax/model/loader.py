@@ -65,8 +65,8 @@ def model_id_of(name: str) -> str:
     return _model_id(name, resolve_model_path(name))
 
 
-def load_model(name: str, attention: str = "einsum") -> LoadedModel:
-    """`attention`: how the forward pass computes attention (ModelConfig.attention)."""
+def load_model(name: str, attention: str = "einsum", matmul_dtype: str = "float32") -> LoadedModel:
+    """`attention`, `matmul_dtype`: how the forward pass computes (ModelConfig's fields of those names)."""
     from dalign_jax.model.gguf_io import load_gguf
     from dalign_jax.model.hf_io import load_hf_dir, read_generation_config
 
@@ -79,7 +79,7 @@ def load_model(name: str, attention: str = "einsum") -> LoadedModel:
         raise UserError(f"{path}: pickle checkpoints are never loaded; use safetensors or GGUF")
     else:
         raise UserError(f"{path}: not a model (expected a HF model directory or a .gguf file)")
-    cfg = dataclasses.replace(cfg, attention=attention)
+    cfg = dataclasses.replace(cfg, attention=attention, matmul_dtype=matmul_dtype)
     generation = read_generation_config(path) if path.is_dir() else None
     return LoadedModel(name, hf_config, cfg, params, tokenizer, _model_id(name, path), generation)
 

@@ -141,7 +141,7 @@ def run_distill(config: Config, force: bool = False) -> dict:
     prompts = open_prompts(config, spec)
     out = config.run_path / "distill"
     ensure_writable(out)
-    model = load_model(config.models.policy, config.models.attention)
+    model = load_model(config.models.policy, config.models.attention, config.models.matmul_dtype)
     check_run_header(out, {"spec_version": spec.version, "model_id": model.model_id, "seed": config.seed,
                            "prompts": section(config, "prompts"), "distill": section(config, "distill")}, force)
     mesh = open_mesh(config)

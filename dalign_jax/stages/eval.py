@@ -175,15 +175,22 @@ def run_eval(config: Config, force: bool = False) -> dict:
             f.unlink()
     mesh = open_mesh(config)
     judge = None
+    # One sampler per architecture, so that base, SFT and RL (the same shapes) compile once, not once
+    # each: on a 2-core CPU a compilation of the sampler takes longer than a batch of answers.
+    samplers: dict[tuple, Sampler] = {}
     results: dict[str, dict] = {}
     for target, path in targets.items():
         wanted = model_id_of(path)
         todo = {name: prompts for name, prompts in sets.items()
                 if not made_by(out / target / f"{name}.jsonl", wanted)}
         if todo:
-            model = load_model(path, config.models.attention)
+            model = load_model(path, config.models.attention, config.models.matmul_dtype)
             params = shard_params(model.params, mesh)
-            sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
+            pad = model.tokenizer.pad_token_id or 0
+            if (model.cfg, pad) not in samplers:
+                samplers[model.cfg, pad] = Sampler(model.cfg, mesh, pad_id=pad)
+            sampler = samplers[model.cfg, pad]
+            sampler.prefixes.clear()  # shared-prefix KV computed with the last checkpoint's weights
             for name, prompts in todo.items():
                 everything = prompts + with_jailbreaks(prompts, config.eval.jailbreak_prompts)
                 outputs = _generate(config, model, sampler, params, everything, f"eval {target}/{name}")

@@ -73,7 +73,7 @@ class JudgeEngine:
         self.mode = config.judge.mode
         self.batch_size = config.judge.batch_size
         self.max_new_tokens = config.judge.max_new_tokens
-        self.model = load_model(config.models.judge, config.models.attention)
+        self.model = load_model(config.models.judge, config.models.attention, config.models.matmul_dtype)
         self.params = shard_params(self.model.params, mesh)
         pad = self.model.tokenizer.pad_token_id or 0
         self.prefill, score_ids = score_tokens(self.model.tokenizer, SCORE_PREFILL, SCALE)

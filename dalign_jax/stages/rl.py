@@ -138,7 +138,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
                         f"({batch_size_multiple(mesh)}) times rl.train.grad_accum ({train.grad_accum})")
     if rl.ref_sync_every and not rl.kl_coef:
         raise UserError("rl.ref_sync_every: there is no reference to sync with rl.kl_coef 0")
-    policy = load_model(starting_policy(config), config.models.attention)
+    policy = load_model(starting_policy(config), config.models.attention, config.models.matmul_dtype)
     check_run_header(out, {"policy_model_id": policy.model_id, "judge_model": config.models.judge,
                            "spec_version": spec.version, "rl": section(config, "rl"), "prompts": section(config, "prompts"),
                            "seed": config.seed, "mesh": section(config, "mesh")}, force)

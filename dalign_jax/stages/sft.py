@@ -115,7 +115,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
     rows, accum = config.sft.batch_size, config.sft.train.grad_accum
     if rows % batch_size_multiple(mesh):
         raise UserError(f"sft.batch_size {rows} must be a multiple of mesh data x fsdp = {batch_size_multiple(mesh)}")
-    model = load_model(config.models.policy, config.models.attention)
+    model = load_model(config.models.policy, config.models.attention, config.models.matmul_dtype)
     check_run_header(out, {"policy_model_id": model.model_id, "data": str(data_path), "data_digest": file_digest(data_path),
                            "sft": section(config, "sft"), "seed": config.seed, "mesh": section(config, "mesh")}, force)
     summary_path = out / "summary.json"
