@@ -136,3 +136,38 @@ def test_llama_with_attention_bias_has_an_output_bias(monkeypatch, tmp_path):
     out = export_hf(tmp_path / "export", model.hf_config, model.cfg, model.params, model.tokenizer)
     _, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_bf16_matmuls_round_their_operands_and_sum_in_float32():
+    """`linear_bf16` and its gradients are float32 products of bfloat16-rounded operands."""
+    import jax.numpy as jnp
+
+    from dalign_jax.model.transformer import linear_bf16
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 5, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3, 5, 48)), jnp.float32)
+    r = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+    out, pullback = jax.vjp(linear_bf16, x, w)
+    dx, dw = pullback(g)
+    np.testing.assert_allclose(out, r(x) @ r(w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, r(g) @ r(w).T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("bti,bto->io", r(x), r(g)), rtol=1e-5, atol=1e-4)
+    # not the exact float32 product: the rounding is there
+    assert np.abs(np.asarray(out) - np.asarray(x) @ np.asarray(w)).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["smollm2", "gemma2"])
+def test_bf16_matmul_model_stays_near_the_float32_one(tiny_models, family):
+    """`models.matmul_dtype: bfloat16` reaches the forward pass and moves the logits by bfloat16's
+    rounding only."""
+    directory, _ = tiny_models[family]
+    exact = load_model(str(directory))
+    rounded = load_model(str(directory), matmul_dtype="bfloat16")
+    assert rounded.cfg.matmul_dtype == "bfloat16" and exact.cfg.matmul_dtype == "float32"
+    tokens, mask, positions = padded_batch(exact.cfg.vocab_size, [11, 7, 3, 11], seed=3)
+    a, b = our_logits(exact, tokens, positions), our_logits(rounded, tokens, positions)
+    real = mask.astype(bool)
+    diff = np.abs(a[real] - b[real])
+    assert 1e-5 < diff.max() < 0.05 * np.abs(a[real]).max()

@@ -81,6 +81,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--judge-inputs", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="ours as under models.matmul_dtype (the MFU is still against the float32 ceiling)")
     add_devices_argument(parser)
     args = parser.parse_args()
 
@@ -89,7 +91,7 @@ def main():
 
     spec = load_spec(ROOT / "specs")
     prompts = split(read_prompts(ROOT / "specs/prompts/safety_prompts.jsonl", spec.categories), "train")
-    model = load_model(DEFAULT_MODEL)
+    model = load_model(DEFAULT_MODEL, matmul_dtype=args.matmul_dtype)
     mesh = make_mesh()
     params = shard_params(model.params, mesh)
     print(f"devices {jax.devices()}")

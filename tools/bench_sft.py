@@ -117,6 +117,8 @@ def main():
     parser.add_argument("--replicate-optimizer", action="store_true",
                         help="every data-parallel device updates all parameters (default: each its share)")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="ours as under models.matmul_dtype (the MFU is still against the float32 ceiling)")
     parser.add_argument("--peer-only", help=argparse.SUPPRESS)  # the as-shipped peer's own process: a model dir
     add_devices_argument(parser, default=OUR_DEVICES)
     args = parser.parse_args()
@@ -126,7 +128,7 @@ def main():
         batches = make_batches(vocab, args.batch, args.length, args.steps + 1)
         print(f"peer_tokens_per_s={bench_peer(Path(args.peer_only), batches)}")
         return
-    model = load_model(DEFAULT_MODEL)
+    model = load_model(DEFAULT_MODEL, matmul_dtype=args.matmul_dtype)
     batches = make_batches(model.cfg.vocab_size, args.batch, args.length, args.steps + 1)
     (ours, first_s, losses), peak, before = peak_flops_around(
         lambda: bench_ours(model, batches, args.remat, not args.replicate_optimizer))

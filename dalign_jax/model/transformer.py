@@ -149,6 +149,27 @@ def _linear_bf16_backward(saved, g):
 linear_bf16.defvjp(_linear_bf16_forward, _linear_bf16_backward)
 
 
+@jax.custom_vjp
+def linear_bf16_t(x: jax.Array, w_t: jax.Array) -> jax.Array:
+    """`linear_bf16(x, w_t.T)` for a weight stored [out, in] (tied embeddings as the output head).
+    Its own gradient form: through `.T` XLA contracted the weight's gradient with both operands
+    transposed, which its CPU runtime cannot run in bf16."""
+    return _bf16_dot("...i,oi->...o", x, w_t).astype(x.dtype)
+
+
+def _linear_bf16_t_forward(x, w_t):
+    return linear_bf16_t(x, w_t), (x, w_t)
+
+
+def _linear_bf16_t_backward(saved, g):
+    x, w_t = saved
+    return (_bf16_dot("...o,oi->...i", g, w_t).astype(x.dtype),
+            _bf16_dot("...o,...i->oi", g, x).astype(w_t.dtype))
+
+
+linear_bf16_t.defvjp(_linear_bf16_t_forward, _linear_bf16_t_backward)
+
+
 def projection(cfg: ModelConfig, dtype):
     """x @ w for the layer's weights: in `dtype` (the weights cast to it), or with
     `cfg.matmul_dtype` bfloat16 through `linear_bf16`."""
@@ -466,10 +487,11 @@ def forward(
     if not last_only and (logits_from or logits_to is not None):  # (last_only: x is the last token's already)
         x = x[:, logits_from:logits_to]
     x = _norm(cfg, x, params["final_norm"])
-    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     if cfg.matmul_dtype == "bfloat16":
-        logits = linear_bf16(x.astype(jnp.float32), head)
+        logits = (linear_bf16_t(x, params["embed"]) if cfg.tie_embeddings
+                  else linear_bf16(x, params["lm_head"]))
     else:
+        head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
         logits = x @ head.astype(dtype)
     logits = softcap(logits.astype(jnp.float32), cfg.final_softcap)
     return logits, new_cache
