@@ -175,8 +175,7 @@ def run_eval(config: Config, force: bool = False) -> dict:
             f.unlink()
     mesh = open_mesh(config)
     judge = None
-    # One sampler per architecture, so that base, SFT and RL (the same shapes) compile once, not once
-    # each: on a 2-core CPU a compilation of the sampler takes longer than a batch of answers.
+    # One sampler per architecture, so that base, SFT and RL (the same shapes) compile once, not once each.
     samplers: dict[tuple, Sampler] = {}
     results: dict[str, dict] = {}
     for target, path in targets.items():
