@@ -127,47 +127,31 @@ def _bf16_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
-def linear_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`linear` with both operands rounded to bfloat16 and the products summed in float32, in x's
-    dtype (`ModelConfig.matmul_dtype: bfloat16`): what a TPU's default precision does to a float32
-    matmul. XLA's CPU backend ignores precision settings but runs this form through its bf16 kernels,
-    about twice the float32 rate on CPUs with AVX512-BF16."""
-    return _bf16_dot("...i,io->...o", x, w).astype(x.dtype)
+def _bf16_linear(forward_spec: str, input_grad_spec: str, weight_grad_spec: str):
+    """A matmul of x and a weight with both operands rounded to bfloat16 and the products summed in
+    float32, in x's dtype, with its gradients in the same form; the einsum specs name the weight's
+    layout (the weight's gradient spec takes the output gradient first, then x)."""
+
+    @jax.custom_vjp
+    def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+        return _bf16_dot(forward_spec, x, w).astype(x.dtype)
+
+    def backward(saved, g):
+        x, w = saved
+        return _bf16_dot(input_grad_spec, g, w).astype(x.dtype), _bf16_dot(weight_grad_spec, g, x).astype(w.dtype)
+
+    matmul.defvjp(lambda x, w: (matmul(x, w), (x, w)), backward)
+    return matmul
 
 
-def _linear_bf16_forward(x, w):
-    return linear_bf16(x, w), (x, w)
-
-
-def _linear_bf16_backward(saved, g):
-    x, w = saved
-    return (_bf16_dot("...o,io->...i", g, w).astype(x.dtype),
-            _bf16_dot("...i,...o->io", x, g).astype(w.dtype))
-
-
-linear_bf16.defvjp(_linear_bf16_forward, _linear_bf16_backward)
-
-
-@jax.custom_vjp
-def linear_bf16_t(x: jax.Array, w_t: jax.Array) -> jax.Array:
-    """`linear_bf16(x, w_t.T)` for a weight stored [out, in] (tied embeddings as the output head).
-    Its own gradient form: through `.T` XLA contracted the weight's gradient with both operands
-    transposed, which its CPU runtime cannot run in bf16."""
-    return _bf16_dot("...i,oi->...o", x, w_t).astype(x.dtype)
-
-
-def _linear_bf16_t_forward(x, w_t):
-    return linear_bf16_t(x, w_t), (x, w_t)
-
-
-def _linear_bf16_t_backward(saved, g):
-    x, w_t = saved
-    return (_bf16_dot("...o,oi->...i", g, w_t).astype(x.dtype),
-            _bf16_dot("...o,...i->oi", g, x).astype(w_t.dtype))
-
-
-linear_bf16_t.defvjp(_linear_bf16_t_forward, _linear_bf16_t_backward)
+# `linear` with bf16 operands and float32 sums (`ModelConfig.matmul_dtype: bfloat16`): what a TPU's
+# default precision does to a float32 matmul. XLA's CPU backend ignores precision settings but runs this
+# form through its bf16 kernels, about twice the float32 rate on CPUs with AVX512-BF16.
+linear_bf16 = _bf16_linear("...i,io->...o", "...o,io->...i", "...o,...i->io")
+# The same for a weight stored [out, in] (tied embeddings as the output head). Taken through `.T`
+# instead, XLA contracted the weight's gradient with both operands transposed, which its CPU runtime
+# cannot run in bf16 ("DotThunk: BF16 x BF16 = F32").
+linear_bf16_t = _bf16_linear("...i,oi->...o", "...o,oi->...i", "...o,...i->oi")
 
 
 def projection(cfg: ModelConfig, dtype):
