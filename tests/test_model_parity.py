@@ -138,19 +138,26 @@ def test_llama_with_attention_bias_has_an_output_bias(monkeypatch, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_bf16_matmuls_round_their_operands_and_sum_in_float32():
-    """`linear_bf16` and its gradients are float32 products of bfloat16-rounded operands."""
+@pytest.mark.parametrize("stored", ["[in, out]", "[out, in]"])
+def test_bf16_matmuls_round_their_operands_and_sum_in_float32(stored):
+    """`linear_bf16` (and `linear_bf16_t`, for a weight stored [out, in]) and their gradients are
+    float32 products of bfloat16-rounded operands."""
     import jax.numpy as jnp
 
-    from dalign_jax.model.transformer import linear_bf16
+    from dalign_jax.model.transformer import linear_bf16, linear_bf16_t
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 5, 64)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
     g = jnp.asarray(rng.standard_normal((3, 5, 48)), jnp.float32)
     r = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
-    out, pullback = jax.vjp(linear_bf16, x, w)
-    dx, dw = pullback(g)
+    if stored == "[in, out]":
+        out, pullback = jax.vjp(linear_bf16, x, w)
+        dx, dw = pullback(g)
+    else:
+        out, pullback = jax.vjp(linear_bf16_t, x, w.T)
+        dx, dw_t = pullback(g)
+        dw = dw_t.T
     np.testing.assert_allclose(out, r(x) @ r(w), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, r(g) @ r(w).T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, np.einsum("bti,bto->io", r(x), r(g)), rtol=1e-5, atol=1e-4)

@@ -156,9 +156,9 @@ linear_bf16_t = _bf16_linear("...i,oi->...o", "...o,oi->...i", "...o,...i->oi")
 
 def projection(cfg: ModelConfig, dtype):
     """x @ w for the layer's weights: in `dtype` (the weights cast to it), or with
-    `cfg.matmul_dtype` bfloat16 through `linear_bf16`."""
+    `cfg.matmul_dtype` bfloat16 through `linear_bf16` (whose result is in x's dtype already)."""
     if cfg.matmul_dtype == "bfloat16":
-        return lambda x, w: linear_bf16(x, w).astype(dtype)
+        return linear_bf16
     return lambda x, w: linear(x, w.astype(dtype))
 
 

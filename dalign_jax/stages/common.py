@@ -87,6 +87,13 @@ def section(config: Config, name: str) -> dict:
     return dataclasses.asdict(getattr(config, name))
 
 
+def open_model(config: Config, name: str):
+    """`load_model(name)` computing as `config.models` says (attention, matmul operands)."""
+    from dalign_jax.model.loader import load_model
+
+    return load_model(name, config.models.attention, config.models.matmul_dtype)
+
+
 def open_mesh(config: Config):
     from dalign_jax.parallel import distributed
 

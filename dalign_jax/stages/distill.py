@@ -19,7 +19,7 @@ from dalign_jax.data.prompts import grouped
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler, SamplingParams
-from dalign_jax.stages.common import (check_run_header, ensure_writable, open_mesh, open_prompts, section,
+from dalign_jax.stages.common import (check_run_header, ensure_writable, open_mesh, open_model, open_prompts, section,
                                       write_atomic, write_records, read_jsonl)
 
 
@@ -134,14 +134,13 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
 
 
 def run_distill(config: Config, force: bool = False) -> dict:
-    from dalign_jax.model.loader import load_model
     from dalign_jax.parallel.mesh import shard_params
 
     spec = load_spec(config.spec_dir)
     prompts = open_prompts(config, spec)
     out = config.run_path / "distill"
     ensure_writable(out)
-    model = load_model(config.models.policy, config.models.attention, config.models.matmul_dtype)
+    model = open_model(config, config.models.policy)
     check_run_header(out, {"spec_version": spec.version, "model_id": model.model_id, "seed": config.seed,
                            "prompts": section(config, "prompts"), "distill": section(config, "distill")}, force)
     mesh = open_mesh(config)

@@ -27,7 +27,7 @@ from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.errors import UserError
 from dalign_jax.eval import graders
 from dalign_jax.eval.metrics import goodness_at, proportion
-from dalign_jax.stages.common import ensure_writable, jsonl_text, open_mesh, read_jsonl, write_atomic
+from dalign_jax.stages.common import ensure_writable, jsonl_text, open_mesh, open_model, read_jsonl, write_atomic
 
 JUDGE_GOOD = 0.5
 
@@ -160,7 +160,7 @@ def made_by(path: Path, model_id: str) -> bool:
 
 def run_eval(config: Config, force: bool = False) -> dict:
     from dalign_jax.engine.sampler import Sampler
-    from dalign_jax.model.loader import load_model, model_id_of
+    from dalign_jax.model.loader import model_id_of
     from dalign_jax.parallel.mesh import shard_params
     from dalign_jax.rl.rewards import judge_reward_messages
     from dalign_jax.stages.judge import JudgeEngine
@@ -183,7 +183,7 @@ def run_eval(config: Config, force: bool = False) -> dict:
         todo = {name: prompts for name, prompts in sets.items()
                 if not made_by(out / target / f"{name}.jsonl", wanted)}
         if todo:
-            model = load_model(path, config.models.attention, config.models.matmul_dtype)
+            model = open_model(config, path)
             params = shard_params(model.params, mesh)
             pad = model.tokenizer.pad_token_id or 0
             if (model.cfg, pad) not in samplers:

@@ -21,7 +21,7 @@ from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat
 from dalign_jax.errors import UserError
 from dalign_jax.eval import graders
-from dalign_jax.stages.common import (check_run_header, ensure_writable, jsonl_text, open_mesh, read_jsonl,
+from dalign_jax.stages.common import (check_run_header, ensure_writable, jsonl_text, open_mesh, open_model, read_jsonl,
                                       section, write_atomic, write_records)
 
 SCORE_PREFILL = "Score:"
@@ -67,13 +67,12 @@ class JudgeEngine:
     def __init__(self, config: Config, mesh):
         from dalign_jax.engine.sampler import Sampler
         from dalign_jax.engine.scorer import Scorer, score_tokens
-        from dalign_jax.model.loader import load_model
         from dalign_jax.parallel.mesh import shard_params
 
         self.mode = config.judge.mode
         self.batch_size = config.judge.batch_size
         self.max_new_tokens = config.judge.max_new_tokens
-        self.model = load_model(config.models.judge, config.models.attention, config.models.matmul_dtype)
+        self.model = open_model(config, config.models.judge)
         self.params = shard_params(self.model.params, mesh)
         pad = self.model.tokenizer.pad_token_id or 0
         self.prefill, score_ids = score_tokens(self.model.tokenizer, SCORE_PREFILL, SCALE)

@@ -34,7 +34,7 @@ from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
 from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, jsonl_text, mesh_from,
-                                      open_mesh, open_prompts, read_jsonl, section, write_atomic)
+                                      open_mesh, open_model, open_prompts, read_jsonl, section, write_atomic)
 from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
 from dalign_jax.train.lora import LoraConfig, Trainable
 from dalign_jax.train.metrics import MetricsLog, as_host
@@ -123,7 +123,6 @@ class Rollouts:
 
 
 def run_rl(config: Config, force: bool = False) -> dict:
-    from dalign_jax.model.loader import load_model
     from dalign_jax.stages.judge import JudgeEngine
 
     rl, train = config.rl, config.rl.train
@@ -138,7 +137,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
                         f"({batch_size_multiple(mesh)}) times rl.train.grad_accum ({train.grad_accum})")
     if rl.ref_sync_every and not rl.kl_coef:
         raise UserError("rl.ref_sync_every: there is no reference to sync with rl.kl_coef 0")
-    policy = load_model(starting_policy(config), config.models.attention, config.models.matmul_dtype)
+    policy = open_model(config, starting_policy(config))
     check_run_header(out, {"policy_model_id": policy.model_id, "judge_model": config.models.judge,
                            "spec_version": spec.version, "rl": section(config, "rl"), "prompts": section(config, "prompts"),
                            "seed": config.seed, "mesh": section(config, "mesh")}, force)

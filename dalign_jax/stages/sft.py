@@ -25,7 +25,7 @@ from dalign_jax.data.sft_data import (ConversationSource, batches, collate, coun
 from dalign_jax.engine.chat import stop_token_ids
 from dalign_jax.errors import UserError
 from dalign_jax.parallel.mesh import batch_size_multiple
-from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, open_mesh, section,
+from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, open_mesh, open_model, section,
                                       write_atomic)
 from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
 from dalign_jax.train.lora import LoraConfig, Trainable
@@ -102,7 +102,6 @@ def noise_seeds(seed: int, step: int, global_rows: int, local_rows: int) -> np.n
 
 
 def run_sft(config: Config, force: bool = False) -> dict:
-    from dalign_jax.model.loader import load_model
 
     out = config.run_path / "sft"
     data_path = sft_data_path(config)
@@ -115,7 +114,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
     rows, accum = config.sft.batch_size, config.sft.train.grad_accum
     if rows % batch_size_multiple(mesh):
         raise UserError(f"sft.batch_size {rows} must be a multiple of mesh data x fsdp = {batch_size_multiple(mesh)}")
-    model = load_model(config.models.policy, config.models.attention, config.models.matmul_dtype)
+    model = open_model(config, config.models.policy)
     check_run_header(out, {"policy_model_id": model.model_id, "data": str(data_path), "data_digest": file_digest(data_path),
                            "sft": section(config, "sft"), "seed": config.seed, "mesh": section(config, "mesh")}, force)
     summary_path = out / "summary.json"
