@@ -147,7 +147,7 @@ class Train:
     log_every: int = 1
     save_every: int = 50  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2
-    peak_flops: float = 0.0  # for MFU; 0: measure a float32 matmul on the first device at start
+    peak_flops: float = 0.0  # for MFU; 0: measure a matmul in models.matmul_dtype on the first device at start
     # LoRA: 0 trains every parameter; r > 0 trains rank-r adapters on `lora_targets` only (the
     # optimiser state and checkpoints hold the adapters; the export is merged into full weights).
     lora_rank: int = 0

@@ -5,9 +5,10 @@
 - judge_prefill_tokens_per_s: judge inputs (spec(category) + conversation + CoT + answer) scored with
   our compiled forward pass against transformers' forward (PyTorch, CPU) on the same inputs in the
   same batches, both without prefix caching and both computing the last position's logits only.
-- judge_prefill_mfu: our prefill's matmul FLOP rate over the float32 matmul ceiling measured around it: the
-  projections' products, and attention's (each query against its own and earlier keys, as a causal
-  model needs; the keys after it, which no implementation needs, are not counted).
+- judge_prefill_mfu: our prefill's matmul FLOP rate over the matmul ceiling (operands in
+  `--matmul-dtype`) measured around it: the projections' products, and attention's (each query against
+  its own and earlier keys, as a causal model needs; the keys after it, which no implementation needs,
+  are not counted).
 - prefix_cache_speedup: judge scoring time without / with shared-prefix caching, for inputs behind a
   spec of at least 2,000 tokens.
 """
@@ -60,14 +61,14 @@ def time_scorer(scorer, params, batches) -> float:
     return time.perf_counter() - t0
 
 
-def peer_prefill(hf_model, batches, pad_id) -> float:
+def peer_prefill(hf_model, batches, pad_id, bf16: bool = False) -> float:
     import torch
 
     def run(batch):
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             hf_model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
 
     run(batches[0][:1])
@@ -82,7 +83,8 @@ def main():
     parser.add_argument("--judge-inputs", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="ours as under models.matmul_dtype (the MFU is still against the float32 ceiling)")
+                        help="ours as under models.matmul_dtype (MFU against that dtype's matmul ceiling), "
+                             "the peer under torch's CPU autocast to bf16")
     add_devices_argument(parser)
     args = parser.parse_args()
 
@@ -115,12 +117,12 @@ def main():
     batches = [inputs[i:i + args.batch] for i in range(0, len(inputs), args.batch)]
     tokens = sum(len(p) for p in inputs)
     plain = Scorer(model.cfg, mesh, score_ids, prefix_min_tokens=0)
-    ours_s, ceiling, before = peak_flops_around(lambda: time_scorer(plain, params, batches))
+    ours_s, ceiling, before = peak_flops_around(lambda: time_scorer(plain, params, batches), dtype=args.matmul_dtype)
     print(f"matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s (before ours {before / 1e9:.1f})")
     path = resolve_model_path(DEFAULT_MODEL)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                  dtype=torch.float32).eval()
-    peer_s = peer_prefill(hf_model, batches, model.tokenizer.pad_token_id or 0)
+    peer_s = peer_prefill(hf_model, batches, model.tokenizer.pad_token_id or 0, args.matmul_dtype == "bfloat16")
     # The matmul FLOPs needed: the projections of every layer for every token, except that the last
     # layer makes only its keys and values for all but each input's last token (`forward(last_only=
     # True)`), the vocabulary projection of one token per input left out, as before; and attention's

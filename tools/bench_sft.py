@@ -1,6 +1,6 @@
 """SFT training throughput: our compiled train step against HF transformers' `Trainer` (PyTorch, CPU).
 
-Same model (the embedded default, float32), same batches (BATCH rows of LENGTH real tokens, loss on
+Same model (the embedded default, float32 weights), same batches (BATCH rows of LENGTH real tokens, loss on
 every token), same optimiser (AdamW, clipping at 1.0). Both are timed over the steps after the first
 (ours compiles there, the peer warms up). Ours runs first, so the peak resident memory printed for
 ours is the process's before PyTorch is loaded.
@@ -10,6 +10,9 @@ machine (2026-11-30; before, both about 150 on that machine, 320-344 and 321-333
 The process is started again with glibc's heap-reuse tunables, as `dalign sft` is, so the peer is timed
 twice: in a fresh process with glibc's default malloc, as HF's Trainer runs for its users (the
 headline ratio), and in this process, under our malloc settings.
+With `--matmul-dtype bfloat16` ours takes bf16 matmul operands (`models.matmul_dtype`) and the peer
+runs with `bf16=True` (PyTorch's CPU autocast: bf16 matmuls, float32 weights), as an HF user would ask
+for the same.
 Last lines: RESULT sft_tokens_per_s_same_malloc ours=<x> peer=<x> ratio=<x>, RESULT sft_tokens_per_s
 ours=<x> peer=<x> ratio=<ours/peer>, RESULT sft_mfu ours=<x>, RESULT sft_peak_rss_gb ours=<x>.
 """
@@ -76,7 +79,7 @@ def bench_ours(model, batches, remat: bool, shard_optimizer: bool):
     return tokens * (len(times) - 1) / sum(times[1:]), times[0], losses
 
 
-def bench_peer(model_dir, batches):
+def bench_peer(model_dir, batches, bf16: bool = False):
     import torch
     import transformers
 
@@ -89,7 +92,7 @@ def bench_peer(model_dir, batches):
     args = transformers.TrainingArguments(
         output_dir="/tmp/bench_sft_peer", per_device_train_batch_size=batches[0].shape[0], max_steps=len(batches),
         learning_rate=1e-5, max_grad_norm=1.0, lr_scheduler_type="constant", logging_strategy="no",
-        save_strategy="no", report_to=[], use_cpu=True, dataloader_drop_last=True, disable_tqdm=True)
+        save_strategy="no", report_to=[], use_cpu=True, dataloader_drop_last=True, disable_tqdm=True, bf16=bf16)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=[timer],
                                    data_collator=transformers.default_data_collator)
     trainer.train()
@@ -102,7 +105,7 @@ def bench_peer_as_shipped(model_dir, args) -> float:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env[OPT_OUT] = "1"
     command = [sys.executable, __file__, f"--peer-only={model_dir}", f"--batch={args.batch}",
-               f"--length={args.length}", f"--steps={args.steps}"]
+               f"--length={args.length}", f"--steps={args.steps}", f"--matmul-dtype={args.matmul_dtype}"]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     print(out, end="", flush=True)
     return float(re.search(r"^peer_tokens_per_s=(\S+)$", out, re.M).group(1))
@@ -118,7 +121,8 @@ def main():
                         help="every data-parallel device updates all parameters (default: each its share)")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="ours as under models.matmul_dtype (the MFU is still against the float32 ceiling)")
+                        help="ours as under models.matmul_dtype (MFU against that dtype's matmul ceiling), "
+                             "the peer with bf16=True")
     parser.add_argument("--peer-only", help=argparse.SUPPRESS)  # the as-shipped peer's own process: a model dir
     add_devices_argument(parser, default=OUR_DEVICES)
     args = parser.parse_args()
@@ -126,13 +130,14 @@ def main():
     if args.peer_only:
         vocab = json.loads((Path(args.peer_only) / "config.json").read_text())["vocab_size"]
         batches = make_batches(vocab, args.batch, args.length, args.steps + 1)
-        print(f"peer_tokens_per_s={bench_peer(Path(args.peer_only), batches)}")
+        bf16 = args.matmul_dtype == "bfloat16"
+        print(f"peer_tokens_per_s={bench_peer(Path(args.peer_only), batches, bf16)}")
         return
     model = load_model(DEFAULT_MODEL, matmul_dtype=args.matmul_dtype)
     batches = make_batches(model.cfg.vocab_size, args.batch, args.length, args.steps + 1)
     (ours, first_s, losses), peak, before = peak_flops_around(
-        lambda: bench_ours(model, batches, args.remat, not args.replicate_optimizer))
-    print(f"devices: {jax.devices()}; float32 matmul ceiling {peak / 1e9:.1f} GFLOP/s "
+        lambda: bench_ours(model, batches, args.remat, not args.replicate_optimizer), dtype=args.matmul_dtype)
+    print(f"devices: {jax.devices()}; {args.matmul_dtype} matmul ceiling {peak / 1e9:.1f} GFLOP/s "
           f"(before ours {before / 1e9:.1f})", flush=True)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     mfu = ours * train_flops_per_token(model.cfg) / peak
@@ -142,7 +147,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             export_hf(Path(tmp) / "model", model.hf_config, model.cfg, model.params, model.tokenizer)
             peer = bench_peer_as_shipped(Path(tmp) / "model", args)
-            same_malloc_peer = bench_peer(Path(tmp) / "model", batches)
+            same_malloc_peer = bench_peer(Path(tmp) / "model", batches, args.matmul_dtype == "bfloat16")
     print(f"peer: {peer:.1f} tokens/s as shipped, {same_malloc_peer:.1f} with our malloc settings", flush=True)
     print(f"RESULT sft_tokens_per_s_same_malloc ours={ours:.1f} peer={same_malloc_peer:.1f} "
           f"ratio={ours / same_malloc_peer:.2f}")

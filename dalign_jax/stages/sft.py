@@ -163,7 +163,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
     log = MetricsLog(out, start, enabled=jax.process_index() == 0)
     if start == 0:
         log.log(0, {"eval_loss": heldout(trainable.full_params(state.params))})
-    peak = train.peak_flops or measure_peak_flops()
+    peak = train.peak_flops or measure_peak_flops(dtype=model.cfg.matmul_dtype)
     flops_per_token = train_flops_per_token(model.cfg)
 
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="sft", unit="step",

@@ -31,10 +31,11 @@ def train_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def measure_peak_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
-    """The matmul rate of the first device in `dtype`, in FLOP/s: the ceiling MFU is measured against."""
+    """The matmul rate of the first device with operands in `dtype` and sums in float32 (the model's
+    own form under `models.matmul_dtype`), in FLOP/s: the ceiling MFU is measured against."""
     device = jax.devices()[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)
-    matmul = jax.jit(lambda x: x @ x)
+    matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
     matmul(a).block_until_ready()
     best = math.inf
     for _ in range(repeats):
@@ -44,13 +45,13 @@ def measure_peak_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32) ->
     return 2 * size ** 3 / best
 
 
-def peak_flops_around(work: Callable[[], T]) -> tuple[T, float, float]:
-    """`work()`'s result, the ceiling for it (the best float32 matmul rate timed just before and just
-    after it: the machine's speed drifts by up to 10% between runs, and a peak is never overstated by
-    its fastest trial), and the rate before alone (printed by the benchmarks)."""
-    before = measure_peak_flops()
+def peak_flops_around(work: Callable[[], T], dtype=jnp.float32) -> tuple[T, float, float]:
+    """`work()`'s result, the ceiling for it (the best matmul rate with `dtype` operands timed just
+    before and just after it: the machine's speed drifts by up to 10% between runs, and a peak is never
+    overstated by its fastest trial), and the rate before alone (printed by the benchmarks)."""
+    before = measure_peak_flops(dtype=dtype)
     result = work()
-    return result, max(before, measure_peak_flops()), before
+    return result, max(before, measure_peak_flops(dtype=dtype)), before
 
 
 class MetricsLog:
