@@ -158,7 +158,7 @@ CASES = {
     "disk full while writing": (lambda t, m, c, mp: (_disk_full(mp), ["distill", str(c)])[1],
                                 r"run.json: cannot write \(No space left on device\)"),
     "checkpoint from a different model shape": (lambda t, m, c, mp: _other_shape_checkpoint(m, t, c),
-                                                r"checkpoint does not fit this model"),
+                                                r"checkpoint does not fit this model \(a different model shape\): params/\S+ is \(\d+, \d+\) there"),
     "resume with a changed config": (lambda t, m, c, mp: (main(["distill", str(c)]), ["distill", str(c), "distill.temperature=0.5"])[1],
                                      r"existing outputs were made with different distill; .*--force"),
     "override without '='": (lambda t, m, c, mp: ["distill", str(c), "judge.runs"], r"override 'judge.runs': expected key=value"),

@@ -37,6 +37,7 @@ class Checkpointer:
 
     def restore(self, step: int, target) -> tuple[object, dict, dict]:
         """The state at `step` laid out like `target` (ShapeDtypeStructs with shardings)."""
+        _check_stored_shapes(self.directory / str(step) / "state", target)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), facts=ocp.args.JsonRestore()))
@@ -59,6 +60,30 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _leaf_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _check_stored_shapes(item: Path, target) -> None:
+    """Refuse, naming the first array that differs, a checkpoint whose stored shapes are not the
+    target's, before orbax starts reading it: orbax finds the mismatch inside its concurrent reads and
+    leaves the other reads pending. Stored trees whose names differ from the target's are left to
+    orbax's own restore."""
+    try:
+        stored = ocp.StandardCheckpointHandler().metadata(item)
+    except (FileNotFoundError, ValueError, KeyError):
+        return
+    have = {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(stored)
+            if hasattr(x, "shape")}
+    want = {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
+    if set(have) != set(want):
+        return
+    for name, shape in want.items():
+        if have[name] != shape:
+            raise UserError(f"{item.parent}: checkpoint does not fit this model (a different model shape): "
+                            f"{name} is {have[name]} there, {shape} here")
 
 
 def _check_shapes(state, target, where: Path) -> None:
