@@ -62,8 +62,22 @@ class Checkpointer:
         self.manager.close()
 
 
-def _leaf_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+def _arrays_by_name(tree, dtypes: bool = True) -> dict[str, tuple]:
+    """Each array of `tree` (arrays, ShapeDtypeStructs or orbax's stored metadata) by its path,
+    "params/layers/0/wq": its shape, and its dtype with `dtypes`."""
+    def name(path) -> str:
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+    return {name(p): (tuple(x.shape), str(x.dtype)) if dtypes else tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(tree) if hasattr(x, "shape")}
+
+
+def _refuse_difference(have: dict, want: dict, where: Path) -> None:
+    """A UserError naming the first array of `want` that `have` lacks or holds otherwise."""
+    for name in list(want) + [n for n in have if n not in want]:
+        if have.get(name) != want.get(name):
+            raise UserError(f"{where}: checkpoint does not fit this model (a different model shape): "
+                            f"{name} is {have.get(name, 'absent')} there, {want.get(name, 'absent')} here")
 
 
 def _check_stored_shapes(item: Path, target) -> None:
@@ -75,21 +89,14 @@ def _check_stored_shapes(item: Path, target) -> None:
         stored = ocp.StandardCheckpointHandler().metadata(item)
     except (FileNotFoundError, ValueError, KeyError):
         return
-    have = {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(stored)
-            if hasattr(x, "shape")}
-    want = {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
-    if set(have) != set(want):
-        return
-    for name, shape in want.items():
-        if have[name] != shape:
-            raise UserError(f"{item.parent}: checkpoint does not fit this model (a different model shape): "
-                            f"{name} is {have[name]} there, {shape} here")
+    have, want = _arrays_by_name(stored, dtypes=False), _arrays_by_name(target, dtypes=False)
+    if set(have) == set(want):
+        _refuse_difference(have, want, item.parent)
 
 
 def _check_shapes(state, target, where: Path) -> None:
-    got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), state)
-    want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), target)
-    if got != want:
+    _refuse_difference(_arrays_by_name(state), _arrays_by_name(target), where)
+    if jax.tree.structure(state) != jax.tree.structure(target):
         raise UserError(f"{where}: checkpoint does not fit this model (a different model shape)")
 
 
