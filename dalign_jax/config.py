@@ -89,6 +89,12 @@ class Distill:
     # paper's do, after the sentences that restate the request (which a small student needs to read
     # the request before it classifies it).
     cot_conclusion: dict[str, str] = dataclasses.field(default_factory=dict)
+    # With mode_hint and force_format, the analysis of a prompt with an expected mode written from this
+    # template instead of sampled, e.g. 'The user asks: "{request}"' ({request}: the last user message),
+    # then the conclusion and decision as above; the teacher writes only the answer. For a teacher too
+    # small to reason over the spec, whose sampled sentences are noise the student learns to decide
+    # after: the student restates the request, names the policy that applies and decides on that.
+    analysis_template: str = ""
     # Text that starts the answer, by expected mode (with force_format), e.g. {refuse: "I'm sorry, but"}:
     # the teacher continues it, so a hinted refusal reads as one.
     answer_prefix: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -464,6 +470,15 @@ def _check_ranges(config: Config, source: str) -> None:
         except (KeyError, IndexError, ValueError) as e:
             raise UserError(f"{source}: config key distill.cot_conclusion.{mode}: {e!r} in {template!r}; "
                             "the placeholders are {category} and {sections}") from None
+    if config.distill.analysis_template:
+        try:
+            config.distill.analysis_template.format(request="R")
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"{source}: config key distill.analysis_template: {e!r} in "
+                            f"{config.distill.analysis_template!r}; the placeholder is {{request}}") from None
+        if not (config.distill.mode_hint and config.distill.force_format):
+            raise UserError(f"{source}: config key distill.analysis_template: needs distill.mode_hint and "
+                            "distill.force_format (the decision it ends on is the prompt's expected mode)")
     for key in ("distill.answer_sentences", "judge.best_of_n_by_mode", "distill.samples_by_mode"):
         for mode, count in by_mode[key].items():
             if count < 1:

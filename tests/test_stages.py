@@ -108,6 +108,33 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
             load_config(mini_run, [override])
 
 
+def test_analysis_template_writes_the_analysis_and_the_teacher_only_the_answer(mini_run, monkeypatch):
+    from dalign_jax.engine.sampler import Sampler
+
+    passes = []
+    generate = Sampler.generate
+    monkeypatch.setattr(Sampler, "generate", lambda self, params, rows, limit, *a, **k:
+                        passes.append(limit) or generate(self, params, rows, limit, *a, **k))
+    config = load_config(mini_run, ["distill.mode_hint=true", "distill.answer_prefix.comply=Sure.",
+                                    "distill.analysis_template='The user asks: \"{request}\"'",  # YAML quotes
+                                    "distill.cot_conclusion.comply=Under {category}, {sections} allow it."])
+    run_distill(config)
+    records = [json.loads(x) for f in sorted((config.run_path / "distill").glob("shard-*.jsonl"))
+               for x in f.read_text().splitlines()]
+    assert len(records) == 12 and passes == [8] * 6  # one pass a batch, the answer's (8 tokens), none for an analysis
+    for r in records:
+        title, prefix = ("Alpha", "AL") if r["category"] == "alpha" else ("Beta", "BE")
+        request = r["messages"][-1]["content"]
+        assert r["cot"] == f'Analysis: The user asks: "{request}"\nUnder {title}, {prefix}-1 allow it.\nDecision: comply'
+        assert r["completion"].startswith(r["cot"] + "\n### Final answer\nSure.")
+        assert r["decision"] == "comply" and r["sampling"]["analysis_template"] == 'The user asks: "{request}"'
+    for override, message in [
+            ("distill.analysis_template=Asks {prompt}", "distill.analysis_template: KeyError.*placeholder is {request}"),
+            ("distill.mode_hint=false", "distill.analysis_template: needs distill.mode_hint")]:
+        with pytest.raises(UserError, match=message):
+            load_config(mini_run, ["distill.mode_hint=true", "distill.analysis_template=Asks {request}", override])
+
+
 def test_samples_by_mode_sets_each_prompts_completions_and_fills_batches_by_rows(mini_run):
     from dalign_jax.stages.distill import samples_for
 

@@ -53,6 +53,15 @@ def cot_conclusion(spec: Spec, prompt, distill: Distill) -> str:
     return template.format(category=policy.title, sections=listed(ids))
 
 
+def templated_analysis(spec: Spec, prompt, distill: Distill) -> str:
+    """The analysis `distill.analysis_template` writes for a prompt with an expected mode: the template
+    on the request, the conclusion, the decision (what end_on_decision makes of a sampled analysis)."""
+    request = prompt.chat()[-1]["content"]
+    lines = [f"{COT_PREFIX} {distill.analysis_template.format(request=request)}", cot_conclusion(spec, prompt, distill),
+             f"Decision: {prompt.expected_mode}"]
+    return "\n".join(line for line in lines if line)
+
+
 def samples_for(distill: Distill, prompt) -> int:
     """How many completions the teacher writes for the prompt (`samples_by_mode`, else `samples_per_prompt`)."""
     return distill.samples_by_mode.get(prompt.expected_mode, distill.samples_per_prompt)
@@ -91,14 +100,19 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
         row_prompts = [p for p, k in zip(batch, counts) for _ in range(k)]
         row_samples = [i for k in counts for i in range(k)]
         key_b = jax.random.fold_in(key, b)
-        limit = d.cot_tokens if d.force_format else d.cot_tokens + d.answer_tokens
-        out = sampler.generate(params, rows, limit, key_b, sampling, stops)
-        texts = [COT_PREFIX + tok.decode(t) for t in out.content()]
-        finished = [bool(s) for s in out.stopped]
+        templated = bool(d.analysis_template) and all(p.expected_mode for p in batch)
+        if templated:  # no analysis to sample: the answer pass below is the teacher's only one
+            texts, finished = [""] * len(rows), [True] * len(rows)
+        else:
+            limit = d.cot_tokens if d.force_format else d.cot_tokens + d.answer_tokens
+            out = sampler.generate(params, rows, limit, key_b, sampling, stops)
+            texts = [COT_PREFIX + tok.decode(t) for t in out.content()]
+            finished = [bool(s) for s in out.stopped]
         if d.force_format:
             cots = [t.partition(ANSWER_DELIMITER)[0].rstrip() for t in texts]
             if d.mode_hint:
-                cots = [end_on_decision(c, p.expected_mode, d.cot_sentences, cot_conclusion(spec, p, d))
+                cots = [(templated_analysis(spec, p, d) if d.analysis_template else
+                         end_on_decision(c, p.expected_mode, d.cot_sentences, cot_conclusion(spec, p, d)))
                         if p.expected_mode else c for c, p in zip(cots, row_prompts)]
             starts = [f"{c}\n{ANSWER_DELIMITER}\n{d.answer_prefix.get(p.expected_mode, '')}"
                       for c, p in zip(cots, row_prompts)]
@@ -126,6 +140,7 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
                              "cot_tokens": d.cot_tokens, "answer_tokens": d.answer_tokens,
                              "force_format": d.force_format, "mode_hint": d.mode_hint,
                              "cot_sentences": d.cot_sentences, "cot_conclusion": d.cot_conclusion,
+                             "analysis_template": d.analysis_template,
                              "answer_prefix": d.answer_prefix,
                              "answer_sentences": d.answer_sentences, "trim_truncated": d.trim_truncated,
                              "seed": config.seed},
