@@ -343,3 +343,14 @@ def test_checkpoints_given_as_paths_get_distinct_names(mini_run, tmp_path):
     assert targets([str(tmp_path / "sft")]) == {f"{tmp_path.name}-sft": str(tmp_path / "sft")}  # not the stage's name
     with pytest.raises(UserError, match="listed twice"):
         targets([str(sft), str(sft) + "/"])
+
+
+def test_pareto_labels_checkpoints_on_one_point_once():
+    from dalign_jax.stages.report import point_labels
+
+    points = [(0.94, 0.85, "sft"), (0.9375, 0.8462, "rl"), (1.0, 0.15, "base"), (1.0, 1.0, "base"),
+              (1.0, 1.0, "sft"), (1.0, 1.0, "rl")]
+    assert point_labels(points) == [(0.94, 0.85, "sft"), (0.9375, 0.8462, "rl"), (1.0, 0.15, "base"),
+                                    (1.0, 1.0, "base, sft, rl")]
+    assert point_labels([(0.8125, 0.8462, "sft"), (0.8125, 0.8462, "rl"), (0.8125, 0.8462, "rl")]) == \
+        [(0.8125, 0.8462, "sft, rl")]

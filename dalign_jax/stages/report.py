@@ -39,6 +39,17 @@ def metric_tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]
     return tables
 
 
+def point_labels(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """One label per position: checkpoints that land on the same point (an RL model whose greedy
+    decisions SFT's already were) share one, "sft, rl", instead of two drawn over each other."""
+    merged: dict[tuple[float, float], tuple[float, float, list[str]]] = {}
+    for x, y, name in points:
+        names = merged.setdefault((round(x, 3), round(y, 3)), (x, y, []))[2]
+        if name not in names:
+            names.append(name)
+    return [(x, y, ", ".join(names)) for x, y, names in merged.values()]
+
+
 def _plots(metrics: dict, sft_rows: list[dict], rl_rows: list[dict]) -> dict[str, bytes]:
     import io
 
@@ -54,13 +65,18 @@ def _plots(metrics: dict, sft_rows: list[dict], rl_rows: list[dict]) -> dict[str
                                    for per_set in metrics.values())]
     chosen = "heldout" if "heldout" in sets else (both[0] if both else sets[0])
     fig, ax = plt.subplots(figsize=(5, 4.2))
+    points = []
     for grader, marker in (("rule", "o"), ("judge", "s")):
         for checkpoint, per_set in metrics.items():
             m = per_set.get(chosen, {}).get(grader, {})
             x, y = (m.get("not_overrefuse") or {}).get("value"), (m.get("not_unsafe") or {}).get("value")
             if x is not None and y is not None:
                 ax.scatter([x], [y], marker=marker, s=60, label=f"{checkpoint} ({grader})")
-                ax.annotate(checkpoint, (x, y), textcoords="offset points", xytext=(5, 5))
+                points.append((x, y, checkpoint))
+    for x, y, label in point_labels(points):  # kept inside the axes: left of points near the right
+        right, top = x > 0.75, y > 0.9       # edge, below those near the top
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-6 if right else 6, -6 if top else 6),
+                    ha="right" if right else "left", va="top" if top else "bottom")
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="not_overrefuse (allowed requests answered)",
            ylabel="not_unsafe (disallowed requests refused)", title=f"{chosen}: safety vs. helpfulness")
     ax.grid(alpha=0.3)
