@@ -447,6 +447,17 @@ RANGES = {
 }
 
 
+def _check_template(source: str, key: str, template: str, **placeholders: str) -> None:
+    """A UserError naming `key` when `template` uses a placeholder other than `placeholders`."""
+    try:
+        template.format(**placeholders)
+    except (KeyError, IndexError, ValueError) as e:
+        names = [f"{{{name}}}" for name in placeholders]
+        known = f"the placeholder is {names[0]}" if len(names) == 1 else \
+            f"the placeholders are {', '.join(names[:-1])} and {names[-1]}"
+        raise UserError(f"{source}: config key {key}: {e!r} in {template!r}; {known}") from None
+
+
 def _check_ranges(config: Config, source: str) -> None:
     for name in ("sft", "rl"):
         targets = getattr(config, name).train.lora_targets
@@ -465,17 +476,9 @@ def _check_ranges(config: Config, source: str) -> None:
         if unknown:
             raise UserError(f"{source}: config key {key}: {', '.join(unknown)}; choose from {', '.join(MODES)}")
     for mode, template in config.distill.cot_conclusion.items():
-        try:
-            template.format(category="C", sections="C-1")
-        except (KeyError, IndexError, ValueError) as e:
-            raise UserError(f"{source}: config key distill.cot_conclusion.{mode}: {e!r} in {template!r}; "
-                            "the placeholders are {category} and {sections}") from None
+        _check_template(source, f"distill.cot_conclusion.{mode}", template, category="C", sections="C-1")
     if config.distill.analysis_template:
-        try:
-            config.distill.analysis_template.format(request="R")
-        except (KeyError, IndexError, ValueError) as e:
-            raise UserError(f"{source}: config key distill.analysis_template: {e!r} in "
-                            f"{config.distill.analysis_template!r}; the placeholder is {{request}}") from None
+        _check_template(source, "distill.analysis_template", config.distill.analysis_template, request="R")
         if not (config.distill.mode_hint and config.distill.force_format):
             raise UserError(f"{source}: config key distill.analysis_template: needs distill.mode_hint and "
                             "distill.force_format (the decision it ends on is the prompt's expected mode)")
