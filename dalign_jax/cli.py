@@ -15,10 +15,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def _read_prompts(path: Path) -> list[list[dict[str, str]]]:
     """A `.jsonl` file of {"prompt": ...} or {"messages": [...]} objects, or plain text, one prompt a line."""
-    if not path.is_file():
-        raise UserError(f"{path}: prompts file does not exist")
+    from dalign_jax.data.prompts import validate_messages
+    from dalign_jax.userfiles import read_text
+
     conversations = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix != ".jsonl":
@@ -28,12 +29,14 @@ def _read_prompts(path: Path) -> list[list[dict[str, str]]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            conversations.append([{"role": "user", "content": row["prompt"]}])
-        elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
-            conversations.append(row["messages"])
-        else:
-            raise UserError(f"{path}:{lineno}: expected a non-empty field 'prompt' (string) or 'messages' (list)")
+        if isinstance(row, dict) and "prompt" in row:
+            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                raise UserError(f"{path}:{lineno}: field prompt: expected a non-empty string")
+            row = {"messages": [{"role": "user", "content": row["prompt"]}]}
+        if not isinstance(row, dict) or "messages" not in row:
+            raise UserError(f"{path}:{lineno}: expected a field 'prompt' (string) or 'messages' (list)")
+        messages = validate_messages(row["messages"], f"{path}:{lineno}")
+        conversations.append([{"role": role, "content": content} for role, content in messages])
     if not conversations:
         raise UserError(f"{path}: no prompts")
     return conversations
@@ -61,6 +64,10 @@ def cmd_generate(args) -> int:
 
     if (args.prompt is None) == (args.prompts_file is None):
         raise UserError("generate: give exactly one of --prompt or --prompts-file")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("generate: --prompt is empty")
+    if args.max_new_tokens < 1:
+        raise UserError(f"generate: --max-new-tokens must be at least 1, got {args.max_new_tokens}")
     conversations = ([[{"role": "user", "content": args.prompt}]] if args.prompt is not None
                      else _read_prompts(Path(args.prompts_file)))
     if args.system:
@@ -69,7 +76,7 @@ def cmd_generate(args) -> int:
                               min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     mesh = _mesh(args.mesh)
     print(f"loading {args.model} ...", file=sys.stderr)
-    model = load_model(args.model)
+    model = load_model(args.model, need_tokenizer=True)
     params = shard_params(model.params, mesh)
     sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
     completions = complete_chats(model, sampler, params, conversations, args.max_new_tokens,
@@ -88,6 +95,8 @@ def cmd_export(args) -> int:
     from dalign_jax.model.hf_io import export_hf
     from dalign_jax.model.loader import load_model
 
+    if not 0 < args.max_shard_mb < float("inf"):
+        raise UserError(f"export: --max-shard-mb must be a positive number, got {args.max_shard_mb}")
     model = load_model(args.model)
     out = export_hf(args.out, model.hf_config, model.cfg, model.params, model.tokenizer,
                     max_shard_bytes=int(args.max_shard_mb * 1024 * 1024), generation=model.generation)
@@ -193,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write a model as a Hugging Face directory")
     exp.add_argument("--model", required=True, help="HF model directory, .gguf file, or alias")
-    exp.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    exp.add_argument("--out", required=True, help="output directory: new, empty, or an earlier export (replaced atomically)")
     exp.add_argument("--max-shard-mb", type=float, default=2048, help="safetensors shard size")
     exp.set_defaults(func=cmd_export)
 

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import typing
@@ -20,6 +21,7 @@ from typing import Literal, Optional
 import yaml
 
 from dalign_jax.errors import UserError
+from dalign_jax.userfiles import load_yaml, read_text
 
 
 @dataclasses.dataclass
@@ -361,12 +363,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise UserError(f"{path}: config file does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: invalid YAML: {e}") from None
+        raw = load_yaml(read_text(path, "config file"), str(path)) or {}
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r}: expected key=value")
@@ -429,22 +426,65 @@ def _check_registered(config: Config, source: str) -> None:
                             "with @register)")
 
 
-# Dotted key -> (low, high) inclusive bounds on values that a type alone does not constrain.
-RANGES = {
-    "judge.threshold": (0.0, 1.0), "judge.runs": (1, None), "judge.best_of_n": (1, None),
-    "distill.samples_per_prompt": (1, None), "distill.cot_sentences": (0, None), "distill.temperature": (0.0, None),
-    "distill.top_p": (0.0, 1.0), "distill.min_p": (0.0, 1.0), "rl.top_p": (0.0, 1.0), "rl.min_p": (0.0, 1.0),
-    "distill.repetition_penalty": (0.001, None), "rl.repetition_penalty": (0.001, None),
-    "sft.heldout_fraction": (0.0, 0.9), "sft.capability_ratio": (0.0, 0.9), "sft.batch_size": (1, None),
-    "sft.max_seq_len": (8, None), "sft.neftune_alpha": (0.0, None), "sft.train.grad_accum": (1, None),
-    "sft.train.learning_rate": (0.0, None),
-    "rl.group_size": (2, None), "rl.prompts_per_step": (1, None), "rl.max_new_tokens": (1, None),
-    "rl.train.grad_accum": (1, None), "rl.clip_low": (0.0, 1.0), "rl.clip_high": (0.0, None),
-    "sft.train.lora_rank": (0, None), "rl.train.lora_rank": (0, None),
-    "rl.kl_coef": (0.0, None), "rl.ref_sync_every": (0, None), "rl.ref_sync_mix": (0.0, 1.0),
-    "rl.updates_per_rollout": (1, None), "eval.max_new_tokens": (1, None), "eval.batch_size": (1, None),
-    "prompts.extra_per_category": (0, None),
+# Bounds of every number in the config, by section class and field (one table for the sections that
+# appear twice: sft.train and rl.train, mesh and rl.rollout_mesh): (low, high), inclusive, None for
+# no bound; OPEN marks a low bound the value must exceed. NaN and infinity are refused everywhere.
+OPEN = "open"
+RANGES: dict[type, dict[str, tuple]] = {
+    Config: {"seed": (0, None)},
+    MeshConfig: {"data": (-1, None), "fsdp": (-1, None), "tensor": (-1, None), "devices": (0, None)},
+    Distributed: {"num_processes": (1, None), "process_id": (0, None)},
+    Prompts: {"limit": (0, None), "per_category": (0, None), "extra_per_category": (0, None)},
+    Distill: {"samples_per_prompt": (1, None), "cot_tokens": (1, None), "answer_tokens": (1, None),
+              "cot_sentences": (0, None), "temperature": (0.0, None), "top_k": (0, None), "top_p": (0.0, 1.0, OPEN),
+              "min_p": (0.0, 1.0), "repetition_penalty": (0.0, None, OPEN), "batch_size": (1, None),
+              "shard_size": (1, None)},
+    Judge: {"runs": (1, None), "threshold": (0.0, 1.0), "best_of_n": (1, None), "batch_size": (1, None),
+            "max_new_tokens": (1, None)},
+    Train: {"learning_rate": (0.0, None), "warmup_steps": (0, None), "min_lr_ratio": (0.0, 1.0),
+            "weight_decay": (0.0, None), "b1": (0.0, 0.9999), "b2": (0.0, 0.9999), "max_grad_norm": (0.0, None),
+            "grad_accum": (1, None), "log_every": (1, None), "save_every": (1, None), "keep_checkpoints": (1, None),
+            "peak_flops": (0.0, None), "lora_rank": (0, None), "lora_alpha": (0.0, None, OPEN)},
+    SFT: {"capability_ratio": (0.0, 0.9), "heldout_fraction": (0.0, 0.9), "max_seq_len": (8, None),
+          "batch_size": (1, None), "steps": (0, None), "epochs": (0.0, None, OPEN), "eval_every": (1, None),
+          "neftune_alpha": (0.0, None)},
+    RL: {"steps": (1, None), "prompts_per_step": (1, None), "group_size": (2, None), "max_new_tokens": (1, None),
+         "temperature": (0.0, None), "top_p": (0.0, 1.0, OPEN), "top_k": (0, None), "min_p": (0.0, 1.0),
+         "repetition_penalty": (0.0, None, OPEN), "malformed_reward": (None, None), "clip_low": (0.0, 1.0),
+         "clip_high": (0.0, None), "kl_coef": (0.0, None), "ref_sync_every": (0, None), "ref_sync_mix": (0.0, 1.0),
+         "updates_per_rollout": (1, None)},
+    Eval: {"limit": (0, None), "jailbreak_prompts": (0, None), "max_new_tokens": (1, None), "batch_size": (1, None)},
 }
+
+
+def _out_of_range(value, bounds: tuple) -> str | None:
+    """What `value` must be, where it is not."""
+    low, high, *open_low = bounds
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    above = f"above {low}" if open_low else f"at least {low}"
+    wanted = above if high is None else f"{above} and at most {high}" if open_low else f"between {low} and {high}"
+    too_low = low is not None and (value <= low if open_low else value < low)
+    return wanted if too_low or (high is not None and value > high) else None
+
+
+def _check_numbers(section, prefix: str, source: str) -> None:
+    """Every number of `section` and its subsections within RANGES, and every float in a mapping finite."""
+    bounds = RANGES.get(type(section), {})
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        key = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, f"{key}.", source)
+            continue
+        values = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, v in values:
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            wanted = _out_of_range(v, bounds.get(field.name, (None, None)) if name is None else (None, None))
+            if wanted:
+                where = key if name is None else f"{key}.{name}"
+                raise UserError(f"{source}: config key {where}: must be {wanted}, got {v!r}")
 
 
 def _check_template(source: str, key: str, template: str, **placeholders: str) -> None:
@@ -486,13 +526,7 @@ def _check_ranges(config: Config, source: str) -> None:
         for mode, count in by_mode[key].items():
             if count < 1:
                 raise UserError(f"{source}: config key {key}.{mode}: must be at least 1, got {count!r}")
-    for dotted, (low, high) in RANGES.items():
-        value = config
-        for part in dotted.split("."):
-            value = getattr(value, part)
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise UserError(f"{source}: config key {dotted}: must be {bounds}, got {value!r}")
+    _check_numbers(config, "", source)
 
 
 def config_to_dict(config: Config) -> dict:

@@ -6,6 +6,7 @@ A line: {"id": str, "category": str, "messages": [{"role", "content"}, ...],
 from __future__ import annotations
 
 import csv
+import io
 import dataclasses
 import hashlib
 import json
@@ -15,6 +16,7 @@ from typing import Iterable
 
 from dalign_jax.data.spec import MODES
 from dalign_jax.errors import UserError
+from dalign_jax.userfiles import read_text
 
 ROLES = ("system", "user", "assistant")
 HELDOUT_PERCENT = 20
@@ -73,18 +75,8 @@ def mixed(prompts: Iterable[Prompt]) -> list[Prompt]:
     return interleave(within, lambda p: p.category)
 
 
-def _validate(row, where: str, categories: set[str]) -> Prompt:
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object")
-    for field in ("id", "category", "messages"):
-        if field not in row:
-            raise UserError(f"{where}: field {field} is missing")
-    if not isinstance(row["id"], str) or not row["id"].strip():
-        raise UserError(f"{where}: field id: expected a non-empty string")
-    if row["category"] not in categories:
-        raise UserError(f"{where}: field category: unknown category {row['category']!r} "
-                        f"(the spec has: {', '.join(sorted(categories))})")
-    messages = row["messages"]
+def validate_messages(messages, where: str) -> tuple[tuple[str, str], ...]:
+    """A conversation to answer, as (role, content) pairs: non-empty texts, the user's turn last."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: field messages: expected a non-empty list")
     parsed = []
@@ -96,20 +88,34 @@ def _validate(row, where: str, categories: set[str]) -> Prompt:
         parsed.append((m["role"], m["content"]))
     if parsed[-1][0] != "user":
         raise UserError(f"{where}: field messages: the last message must be the user's")
+    return tuple(parsed)
+
+
+def _validate(row, where: str, categories: set[str]) -> Prompt:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    for field in ("id", "category", "messages"):
+        if field not in row:
+            raise UserError(f"{where}: field {field} is missing")
+    if not isinstance(row["id"], str) or not row["id"].strip():
+        raise UserError(f"{where}: field id: expected a non-empty string")
+    if row["category"] not in categories:
+        raise UserError(f"{where}: field category: unknown category {row['category']!r} "
+                        f"(the spec has: {', '.join(sorted(categories))})")
+    parsed = validate_messages(row["messages"], where)
     mode = row.get("expected_mode")
     if mode is not None and mode not in MODES:
         raise UserError(f"{where}: field expected_mode: {mode!r} must be one of {', '.join(MODES)}")
-    return Prompt(row["id"], row["category"], tuple(parsed), mode, row.get("kind"))
+    return Prompt(row["id"], row["category"], parsed, mode, row.get("kind"))
 
 
 def read_prompts(path: str | Path, categories: Iterable[str]) -> list[Prompt]:
     """Every prompt of a JSONL file, validated; errors name the file, line and field."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: prompts file does not exist")
+    text = read_text(path, "prompts file")
     categories = set(categories)
     prompts, ids = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -147,10 +153,7 @@ ADVBENCH_KEYWORDS = [
 
 
 def _read_csv(path: Path, column: str) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"{path}: file does not exist")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_text(path, "prompts file"), newline="")))
     if not rows or column not in rows[0]:
         raise UserError(f"{path}: expected a CSV with a {column!r} column")
     return rows
@@ -188,10 +191,7 @@ def load_prompt_set(path: str | Path, categories: Iterable[str]) -> list[Prompt]
     path = Path(path)
     if path.suffix != ".csv":
         return read_prompts(path, categories)
-    if not path.is_file():
-        raise UserError(f"{path}: prompts file does not exist")
-    with path.open(newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
+    header = next(csv.reader(io.StringIO(read_text(path, "prompts file"), newline="")), [])
     if "forbidden_prompt" in header:
         return load_strongreject(path)
     if "goal" in header:

@@ -20,6 +20,7 @@ import numpy as np
 
 from dalign_jax.engine.chat import encode_conversation
 from dalign_jax.errors import UserError
+from dalign_jax.userfiles import read_text
 
 MIN_BUCKET = 64
 # Rows the packer fills at once (at least): on the smollm2-cpu set (162 tokens an example on average,
@@ -53,7 +54,7 @@ class ConversationSource:
             lines = [raw[i] for i in range(len(raw))]
             where = lambda i: f"{self.path}: record {i}"  # noqa: E731
         elif self.path.suffix == ".jsonl":
-            text = self.path.read_text(encoding="utf-8").splitlines()
+            text = read_text(self.path, "SFT data file").splitlines()
             numbered = [(n, line) for n, line in enumerate(text, 1) if line.strip()]
             lines = [line for _, line in numbered]
             where = lambda i: f"{self.path}:{numbered[i][0]}"  # noqa: E731

@@ -22,9 +22,8 @@ import hashlib
 import re
 from pathlib import Path
 
-import yaml
-
 from dalign_jax.errors import UserError
+from dalign_jax.userfiles import load_yaml, read_text
 
 MODES = ("comply", "refuse", "safe_complete")
 _SECTION = re.compile(r"^###\s+([A-Z]+)-(\d+)\s+\[(\w+)\]\s+(.+?)\s*$")
@@ -81,9 +80,7 @@ class Spec:
 
 
 def _parse_policy(key: str, path: Path) -> Policy:
-    if not path.is_file():
-        raise UserError(f"{path}: spec file listed in the manifest does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "spec file listed in the manifest").splitlines()
     title = prefix = None
     summary: list[str] = []
     definitions: list[str] = []
@@ -147,15 +144,20 @@ def _check_citations(policies: dict[str, Policy], seen: dict[str, Path]) -> None
                     raise UserError(f"{seen[section.id]}: section {section.id} cites {cited}, which does not exist")
 
 
+def _inside(spec_dir: Path, filename, manifest_path: Path, field: str) -> Path:
+    """A manifest entry's file, which must lie in the spec directory: the spec's hash covers only it."""
+    path = spec_dir / str(filename)
+    if not path.resolve().is_relative_to(spec_dir.resolve()):
+        raise UserError(f"{manifest_path}: field {field}: {filename!r} lies outside the spec directory {spec_dir}")
+    return path
+
+
 def load_spec(spec_dir: str | Path) -> Spec:
     spec_dir = Path(spec_dir)
     manifest_path = spec_dir / "manifest.yaml"
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path}: spec manifest does not exist")
-    try:
-        manifest = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UserError(f"{manifest_path}: invalid YAML: {e}") from None
+    manifest = load_yaml(read_text(manifest_path, "spec manifest"), str(manifest_path))
     if not isinstance(manifest, dict) or not isinstance(manifest.get("categories"), dict) or not manifest["categories"]:
         raise UserError(f"{manifest_path}: field categories: expected a mapping of category -> file")
     if not isinstance(manifest.get("style"), str):
@@ -163,7 +165,7 @@ def load_spec(spec_dir: str | Path) -> Spec:
     digest = hashlib.sha256(manifest_path.read_bytes())
     policies, seen = {}, {}
     for key, filename in manifest["categories"].items():
-        path = spec_dir / str(filename)
+        path = _inside(spec_dir, filename, manifest_path, f"categories.{key}")
         policy = _parse_policy(str(key), path)
         for section in policy.sections:
             if section.id in seen:
@@ -174,9 +176,7 @@ def load_spec(spec_dir: str | Path) -> Spec:
         policies[str(key)] = policy
         digest.update(path.read_bytes())
     _check_citations(policies, seen)
-    style_path = spec_dir / manifest["style"]
-    if not style_path.is_file():
-        raise UserError(f"{style_path}: style guide listed in the manifest does not exist")
-    style = style_path.read_text(encoding="utf-8").strip()
+    style_path = _inside(spec_dir, manifest["style"], manifest_path, "style")
+    style = read_text(style_path, "style guide listed in the manifest").strip()
     digest.update(style_path.read_bytes())
     return Spec(str(manifest.get("name", spec_dir.name)), policies, style, digest.hexdigest()[:16])

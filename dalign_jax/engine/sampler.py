@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -46,9 +47,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if (self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1
-                or not self.repetition_penalty > 0):
-            raise UserError(f"sampling: invalid settings {self}")
+        # Written so that NaN fails every test (a comparison with NaN is false).
+        valid = {"temperature": self.temperature >= 0 and math.isfinite(self.temperature),
+                 "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1, "min_p": 0 <= self.min_p <= 1,
+                 "repetition_penalty": self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)}
+        for name, ok in valid.items():
+            if not ok:
+                raise UserError(f"sampling: {name} {getattr(self, name)!r} is out of range (temperature >= 0, "
+                                "top_k >= 0, 0 < top_p <= 1, 0 <= min_p <= 1, repetition_penalty > 0; all finite)")
 
 
 GREEDY = SamplingParams(temperature=0.0)

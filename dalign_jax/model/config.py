@@ -123,6 +123,11 @@ def from_hf_config(hf: transformers.PretrainedConfig, source: str = "config.json
             f"{source}: architecture {', '.join(map(str, archs))} (model_type {family!r}) is not supported; "
             f"supported model types: {', '.join(SUPPORTED_FAMILIES)}"
         )
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = getattr(hf, key, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserError(f"{source}: field {key}: expected a positive integer, got {value!r}")
     # Read from the key transformers' own model of the family reads: Gemma 2 and 3 name it
     # hidden_activation (some Gemma configs carry both keys, with different values).
     act = getattr(hf, "hidden_activation" if family in GEMMA2_LAYOUT else "hidden_act", None) or "silu"

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from dalign_jax.errors import UserError
+from dalign_jax.userfiles import creation_mode
 from dalign_jax.model.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config
 from dalign_jax.model.families import hf_to_params, params_to_hf
 
@@ -40,7 +41,10 @@ def read_hf_config(directory: Path) -> transformers.PretrainedConfig:
         config_cls = transformers.AutoConfig.for_model(model_type).__class__
     except (ValueError, KeyError):
         raise UserError(f"{path}: field model_type: unknown model type {model_type!r}") from None
-    return config_cls.from_dict(raw)
+    try:
+        return config_cls.from_dict(raw)
+    except Exception as e:  # transformers' field validation raises its own types as well as ValueError
+        raise UserError(f"{path}: {' '.join(str(e).split())[:300]}") from None
 
 
 def read_generation_config(directory: Path) -> transformers.GenerationConfig | None:
@@ -130,6 +134,33 @@ def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[s
     return shards
 
 
+# Written into every export with the list of files it wrote: a later export replaces a directory only
+# when it holds this file and nothing that the file does not list.
+EXPORT_MARKER = ".dalign-export.json"
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse an output path that is a file, or a directory holding anything an export of ours did not write."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory; choose a new or empty directory for the export")
+    entries = sorted(e.name for e in out_dir.iterdir())
+    if not entries:
+        return
+    listed: set[str] = set()
+    try:
+        listed = set(json.loads((out_dir / EXPORT_MARKER).read_text()).get("files", [])) | {EXPORT_MARKER}
+    except (OSError, ValueError, AttributeError):  # no marker, or not one of ours
+        pass
+    present = sorted(str(f.relative_to(out_dir)) for f in out_dir.rglob("*") if not f.is_dir())
+    foreign = [f for f in present if f not in listed] if listed else present or entries
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"{out_dir}: holds files an earlier export did not write ({shown}); nothing was "
+                        "changed: choose a new or empty directory")
+
+
 def export_hf(
     out_dir: str | os.PathLike,
     hf_config: transformers.PretrainedConfig,
@@ -145,14 +176,21 @@ def export_hf(
     model config's special tokens.
 
     The directory appears under its final name only when complete (written beside it, then renamed).
+    It may replace an empty directory or an earlier export (see `_check_replaceable`), nothing else.
     """
     out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out_dir.parent}: cannot create the output directory ({e.strerror})") from None
     if not os.access(out_dir.parent, os.W_OK):
         raise UserError(f"{out_dir.parent}: output directory is not writable")
     tensors = params_to_hf(params, cfg)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    old = None
     try:
+        os.chmod(tmp, creation_mode(directory=True))
         hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
         hf_config.architectures = [SUPPORTED_FAMILIES[cfg.family][0]]
         hf_config.tie_word_embeddings = cfg.tie_embeddings
@@ -177,10 +215,18 @@ def export_hf(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        written = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if not f.is_dir())
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "dalign export", "files": written}, indent=1))
+        if out_dir.exists():  # empty, or an earlier export: set aside, then removed once the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "export")
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():
+            os.replace(old / "export", out_dir)
         raise
+    finally:
+        if old is not None and out_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
     return out_dir

@@ -65,8 +65,10 @@ def model_id_of(name: str) -> str:
     return _model_id(name, resolve_model_path(name))
 
 
-def load_model(name: str, attention: str = "einsum", matmul_dtype: str = "float32") -> LoadedModel:
-    """`attention`, `matmul_dtype`: how the forward pass computes (ModelConfig's fields of those names)."""
+def load_model(name: str, attention: str = "einsum", matmul_dtype: str = "float32",
+               need_tokenizer: bool = False) -> LoadedModel:
+    """`attention`, `matmul_dtype`: how the forward pass computes (ModelConfig's fields of those names).
+    `need_tokenizer`: a model without one is an error (everything but export and the weights' tests)."""
     from dalign_jax.model.gguf_io import load_gguf
     from dalign_jax.model.hf_io import load_hf_dir, read_generation_config
 
@@ -79,6 +81,8 @@ def load_model(name: str, attention: str = "einsum", matmul_dtype: str = "float3
         raise UserError(f"{path}: pickle checkpoints are never loaded; use safetensors or GGUF")
     else:
         raise UserError(f"{path}: not a model (expected a HF model directory or a .gguf file)")
+    if need_tokenizer and tokenizer is None:
+        raise UserError(f"{path}: no tokenizer (tokenizer.json or tokenizer_config.json); prompts cannot be encoded")
     cfg = dataclasses.replace(cfg, attention=attention, matmul_dtype=matmul_dtype)
     generation = read_generation_config(path) if path.is_dir() else None
     return LoadedModel(name, hf_config, cfg, params, tokenizer, _model_id(name, path), generation)

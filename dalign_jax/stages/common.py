@@ -11,6 +11,7 @@ from typing import Iterable
 
 from dalign_jax.config import Config, MeshConfig
 from dalign_jax.errors import UserError
+from dalign_jax.userfiles import creation_mode
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -22,6 +23,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, creation_mode())
         os.replace(tmp, path)
     except OSError as e:  # disk full, quota, permissions: say which file, leave no partial one
         Path(tmp).unlink(missing_ok=True)
@@ -49,6 +51,7 @@ def write_records(stem: Path, records: list[dict]) -> None:
         for r in records:
             writer.write(json.dumps(r, ensure_ascii=False).encode("utf-8"))
         writer.close()
+        os.chmod(tmp, creation_mode())
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -91,7 +94,7 @@ def open_model(config: Config, name: str):
     """`load_model(name)` computing as `config.models` says (attention, matmul operands)."""
     from dalign_jax.model.loader import load_model
 
-    return load_model(name, config.models.attention, config.models.matmul_dtype)
+    return load_model(name, config.models.attention, config.models.matmul_dtype, need_tokenizer=True)
 
 
 def open_mesh(config: Config):
