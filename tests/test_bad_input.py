@@ -175,6 +175,67 @@ CASES = {
     "judge before distill": (lambda t, m, c, mp: ["judge", str(c)], r"no finished distillation; run `dalign distill` first"),
     "eval of a checkpoint that does not exist": (lambda t, m, c, mp: ["eval", str(c), f"eval.checkpoints=[{t / 'ckpt'}]"],
                                                  r"eval.checkpoints: .*ckpt.* is neither base/sft/rl nor an existing model path"),
+    "HF directory without tokenizer files": (lambda t, m, c, mp: ["generate", "--model", str(_without_tokenizer(m, t)), "--prompt", "hi"],
+                                             r"model_copy: no tokenizer \(tokenizer.json or tokenizer_config.json\)"),
+    "negative layer count in config.json": (lambda t, m, c, mp: ["generate", "--model", str(_edited_config(m, t, num_hidden_layers=-1)), "--prompt", "hi"],
+                                            r"config.json: field num_hidden_layers: expected a positive integer, got -1"),
+    "eos_token_id of the wrong type": (lambda t, m, c, mp: ["generate", "--model", str(_edited_config(m, t, eos_token_id="two")), "--prompt", "hi"],
+                                       r"config.json: .*eos_token_id"),
+    "prompt set with bad UTF-8": (lambda t, m, c, mp: ["distill", str(c), f"prompts.path={_bytes(t / 'bad_prompts.jsonl', BAD_UTF8_JSONL)}"],
+                                  r"bad_prompts.jsonl:2: not valid UTF-8 \(byte 0xff at column 9\)"),
+    "CSV prompt set with bad UTF-8": (lambda t, m, c, mp: ["eval", str(c), f"eval.prompts={_bytes(t / 'set.csv', BAD_UTF8_CSV)}"],
+                                      r"set.csv:3: not valid UTF-8"),
+    "prompts file with bad UTF-8": (lambda t, m, c, mp: ["generate", "--model", str(m), "--prompts-file", str(_bytes(t / "p.txt", b"hello\nbye \xff"))],
+                                    r"p.txt:2: not valid UTF-8"),
+    "spec file with bad UTF-8": (lambda t, m, c, mp: ["distill", str(c), f"spec_dir={_bad_utf8_spec(t)}"],
+                                 r"a.md:\d+: not valid UTF-8"),
+    "config file with bad UTF-8": (lambda t, m, c, mp: ["distill", str(_bytes(t / "c.yaml", b"seed: 1\n# \xff"))],
+                                   r"c.yaml:2: not valid UTF-8"),
+    "prompts file whose content is a number": (
+        lambda t, m, c, mp: ["generate", "--model", str(m), "--prompts-file", str(_write(t / "p.jsonl", json.dumps({"messages": [{"role": "user", "content": 5}]})))],
+        r"p.jsonl:1: field messages\[0\]: expected \{'role'"),
+    "prompts file whose prompt is a number": (
+        lambda t, m, c, mp: ["generate", "--model", str(m), "--prompts-file", str(_write(t / "p.jsonl", json.dumps({"prompt": 5})))],
+        r"p.jsonl:1: field prompt: expected a non-empty string"),
+    "prompts file ending on the assistant's turn": (
+        lambda t, m, c, mp: ["generate", "--model", str(m), "--prompts-file", str(_write(t / "p.jsonl", json.dumps({"messages": [
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})))],
+        r"p.jsonl:1: field messages: the last message must be the user's"),
+    "prompts file that is a directory": (lambda t, m, c, mp: ["generate", "--model", str(m), "--prompts-file", str(t)],
+                                         r"prompts file is a directory, not a file"),
+    "prompt set that is a directory": (lambda t, m, c, mp: ["distill", str(c), f"prompts.path={t}"], r"prompts file is a directory, not a file"),
+    "empty --prompt": (lambda t, m, c, mp: ["generate", "--model", str(m), "--prompt", "  "], r"generate: --prompt is empty"),
+    "--max-new-tokens 0": (lambda t, m, c, mp: ["generate", "--model", str(m), "--prompt", "hi", "--max-new-tokens", "0"],
+                           r"--max-new-tokens must be at least 1, got 0"),
+    "--temperature nan": (lambda t, m, c, mp: ["generate", "--model", str(m), "--prompt", "hi", "--temperature", "nan"],
+                          r"sampling: temperature nan is out of range"),
+    "--top-p 0 names the field": (lambda t, m, c, mp: ["generate", "--model", str(m), "--prompt", "hi", "--top-p", "0"],
+                                  r"sampling: top_p 0.0 is out of range"),
+    "export under a file": (lambda t, m, c, mp: ["export", "--model", str(m), "--out", f"{_file(t)}/out"],
+                            r"a_file: cannot create the output directory"),
+    "export --max-shard-mb 0": (lambda t, m, c, mp: ["export", "--model", str(m), "--out", str(t / "out"), "--max-shard-mb", "0"],
+                                r"--max-shard-mb must be a positive number"),
+    "distill.shard_size=0": (lambda t, m, c, mp: ["distill", str(c), "distill.shard_size=0"],
+                             r"config key distill.shard_size: must be at least 1, got 0"),
+    "judge.threshold=nan": (lambda t, m, c, mp: ["judge", str(c), "judge.threshold=nan"],
+                            r"config key judge.threshold: must be a finite number, got nan"),
+    "infinite learning rate": (lambda t, m, c, mp: ["sft", str(c), "sft.train.learning_rate=.inf"],
+                               r"config key sft.train.learning_rate: must be a finite number, got inf"),
+    "NaN reward weight in the config file": (lambda t, m, c, mp: ["rl", str(_with(c, "rl: {rewards: {judge: .nan}}"))],
+                                             r"config key rl.rewards.judge: must be a finite number, got nan"),
+    "negative token limit": (lambda t, m, c, mp: ["distill", str(c), "distill.cot_tokens=-5"],
+                             r"config key distill.cot_tokens: must be at least 1, got -5"),
+    "negative prompts.limit": (lambda t, m, c, mp: ["distill", str(c), "prompts.limit=-1"], r"config key prompts.limit: must be at least 0"),
+    "zero distill batch": (lambda t, m, c, mp: ["distill", str(c), "distill.batch_size=0"], r"config key distill.batch_size: must be at least 1"),
+    "negative sft.steps": (lambda t, m, c, mp: ["sft", str(c), "sft.steps=-3"], r"config key sft.steps: must be at least 0, got -3"),
+    "rollout mesh size below -1": (lambda t, m, c, mp: ["rl", str(c), "rl.rollout_mesh={fsdp: -2}"],
+                               r"config key rl.rollout_mesh.fsdp: must be at least -1, got -2"),
+    "repeated YAML key": (lambda t, m, c, mp: ["distill", str(_with(c, "seed: 1\nseed: 2"))], r"config.yaml:\d+: key 'seed' repeats line \d+"),
+    "repeated key in the spec manifest": (lambda t, m, c, mp: ["distill", str(c), f"spec_dir={_manifest(t, REPEATED_KEY_MANIFEST)}"],
+                                          r"manifest.yaml:3: key 'alpha' repeats line 2"),
+    "spec manifest entry outside the spec directory": (
+        lambda t, m, c, mp: ["distill", str(c), f"spec_dir={_manifest(t, OUTSIDE_MANIFEST)}"],
+        r"manifest.yaml: field categories.beta: '../../outside.md' lies outside the spec directory"),
 }
 
 
@@ -193,6 +254,13 @@ def _sft_data(tmp: Path) -> Path:
     return _write(tmp / "sft_data.jsonl", "\n".join(json.dumps(r) for r in rows))
 
 
+# Cases found once a stage has made its directory (and at most its run.json), or after a first good run
+# or a checkpoint: every other case is refused before anything is written.
+WRITES_BEFORE_REFUSING = {"mesh shape does not match the devices", "model path missing", "non-finite loss",
+                          "disk full while writing", "checkpoint from a different model shape",
+                          "resume with a changed config", "SFT batch that does not split over the mesh"}
+
+
 def test_at_least_25_cases():
     assert len(CASES) >= 25
 
@@ -205,6 +273,7 @@ def test_bad_input(name, tmp_path, mini_run, tiny_chat_model, capsys, monkeypatc
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "\ndalign: error: " in "\n" + err, err
+    assert "Traceback" not in err, err
     err = err[err.index("dalign: error: "):]  # after any progress output
     import re
 
@@ -216,3 +285,75 @@ def test_bad_input(name, tmp_path, mini_run, tiny_chat_model, capsys, monkeypatc
         assert [p.parent.name for p in leftovers] == ["distill"]
     else:
         assert not leftovers, leftovers
+    if name not in WRITES_BEFORE_REFUSING:
+        assert not run.exists(), sorted(run.rglob("*"))
+
+
+def _export(model: Path, out) -> int:
+    return main(["export", "--model", str(model), "--out", str(out)])
+
+
+def test_export_never_removes_what_it_did_not_write(tmp_path, tiny_chat_model, monkeypatch, capsys):
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    (users / "data").mkdir()
+    (users / "data" / "x.csv").write_text("1")
+    before = sorted(p.relative_to(users) for p in users.rglob("*"))
+    assert _export(tiny_chat_model, users) == 2
+    assert "holds files an earlier export did not write (data/x.csv, notes.txt)" in capsys.readouterr().err
+    monkeypatch.chdir(users)
+    assert _export(tiny_chat_model, ".") == 2  # the working directory itself
+    assert sorted(p.relative_to(users) for p in users.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left beside it
+    # An earlier export of ours is replaced; one the user has added a file to is not.
+    out = tmp_path / "out"
+    assert _export(tiny_chat_model, out) == 0 and _export(tiny_chat_model, out) == 0
+    assert (out / ".dalign-export.json").is_file() and (out / "model.safetensors").is_file()
+    (out / "README.md").write_text("my notes on this export")
+    assert _export(tiny_chat_model, out) == 2
+    assert (out / "README.md").read_text() == "my notes on this export"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _export(tiny_chat_model, empty) == 0 and (empty / "config.json").is_file()
+
+
+def test_outputs_follow_the_umask(tmp_path, tiny_chat_model, mini_run):
+    old = os.umask(0o027)
+    try:
+        assert _export(tiny_chat_model, tmp_path / "out") == 0
+        assert main(["distill", str(mini_run), "prompts.limit=2"]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "out" / "config.json").stat().st_mode & 0o777 == 0o640
+    for f in (tmp_path / "run" / "distill").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o640, f
+
+
+def test_every_number_in_the_config_has_a_range():
+    """A numeric key added without a bound fails here, before a user finds that NaN or -5 passes."""
+    import dataclasses
+    import typing
+
+    from dalign_jax import config as config_module
+
+    def numeric(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            sections = [h for h in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(h)]
+            if sections:
+                yield from numeric(sections[0], f"{prefix}{f.name}.")
+            elif typing.get_origin(hint) is not dict and {hint, *typing.get_args(hint)} & {int, float}:
+                yield cls, f.name, f"{prefix}{f.name}"
+
+    missing = [key for cls, name, key in numeric(config_module.Config)
+               if name not in config_module.RANGES.get(cls, {})]
+    assert not missing, missing
+
+
+def test_reliability_doc_lists_every_case():
+    doc = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
+    assert [name for name in CASES if f"| {name} |" not in doc] == []
+    assert f"{len(CASES)} bad inputs" in doc
