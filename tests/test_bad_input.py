@@ -244,6 +244,52 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+BAD_UTF8_JSONL = (json.dumps(GOOD) + "\n").encode() + b'{"id": "\xff"}'
+BAD_UTF8_CSV = b"prompt,label\nok,safe\nbad \xfe,unsafe"
+REPEATED_KEY_MANIFEST = "categories:\n  alpha: a.md\n  alpha: b.md\nstyle: style.md"
+OUTSIDE_MANIFEST = "categories:\n  alpha: a.md\n  beta: ../../outside.md\nstyle: style.md"
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _with(config: Path, text: str) -> Path:
+    """The config with `text` appended (a later top-level key)."""
+    config.write_text(config.read_text() + text + "\n")
+    return config
+
+
+def _bad_utf8_spec(tmp: Path) -> Path:
+    spec = _spec(tmp)
+    with open(spec / "a.md", "ab") as f:
+        f.write(b"Caf\xe9\n")  # Latin-1, not UTF-8
+    return spec
+
+
+def _manifest(tmp: Path, text: str) -> Path:
+    spec = _spec(tmp)
+    (spec / "manifest.yaml").write_text(text + "\n")
+    (tmp / "outside.md").write_text(MINI_POLICY.format(title="Out", prefix="OU"))
+    return spec
+
+
+def _without_tokenizer(model: Path, tmp: Path) -> Path:
+    copy = _copy_model(model, tmp)
+    for f in copy.iterdir():
+        if "token" in f.name or f.suffix == ".jinja":
+            f.unlink()
+    return copy
+
+
+def _edited_config(model: Path, tmp: Path, **fields) -> Path:
+    copy = _copy_model(model, tmp)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(dict(config, **fields)))
+    return copy
+
+
 def _file(tmp: Path) -> Path:
     return _write(tmp / "a_file", "not a directory")
 
