@@ -86,7 +86,7 @@ def padded_batch(vocab: int, lengths, seed: int = 0, left: bool = True):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """family -> (directory, torch model), built once per session."""
+    """family -> (directory, torch model), built once per test run."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {f: (root / f, make_hf_model(f, root / f)) for f in FAMILIES}
 

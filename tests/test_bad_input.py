@@ -1,4 +1,4 @@
-"""Bad input, one case per row of the README's table: a clear message naming the file, line or field,
+"""Bad input, one case per row of docs/reliability.md: a clear message naming the file, line or field,
 exit status 2, and no partial output (no stage marked complete, no export, no temporary file)."""
 import json
 import os

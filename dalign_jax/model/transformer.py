@@ -107,7 +107,7 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     innermost, and autodiff's own form (g^T @ x, then a transpose) made it transpose the wide gradient
     of the MLP (fused with the activation's derivative, twice per layer) where it now transposes the
     narrower x (the SFT benchmark's step on 2 CPU devices: 3.4 s before, 2.9-3.0 s after, with the
-    loss's projection cut to the columns that have a target; see the README's Benchmarks)."""
+    loss's projection cut to the columns that have a target; see docs/benchmarks.md)."""
     return x @ w
 
 
