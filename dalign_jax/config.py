@@ -233,7 +233,9 @@ class Eval:
     # Models to evaluate: base (models.policy), sft and rl (this run's exports), or HF directories /
     # .gguf files; names of stages that have not run are skipped.
     checkpoints: list[str] = dataclasses.field(default_factory=lambda: ["base", "sft", "rl"])
-    prompts: str = ""  # an extra prompt set: our JSONL, AdvBench / StrongREJECT CSV, or CSV with prompt + label
+    # More prompt sets, each a path or {path: P, format: F}: our JSONL, or a public set's CSV (StrongREJECT,
+    # AdvBench, XSTest, HarmBench, OR-Bench, JailbreakBench, or prompt + label), recognised from its header.
+    prompts: typing.Union[str, list[typing.Union[str, dict[str, str]]]] = dataclasses.field(default_factory=list)
     heldout: bool = True  # our prompt set's held-out split (prompts.path)
     strongreject: str = ""  # path of the StrongREJECT CSV; "": not evaluated
     limit: int = 0  # at most this many prompts per set, taken in turn from each category (0: all)

@@ -185,20 +185,123 @@ def load_advbench(path: str | Path) -> list[Prompt]:
             for n, row in enumerate(_read_csv(path, "goal"), 1)]
 
 
-def load_prompt_set(path: str | Path, categories: Iterable[str]) -> list[Prompt]:
-    """Our JSONL, or a public CSV set recognised by its columns (AdvBench `goal`, StrongREJECT
-    `forbidden_prompt`)."""
-    path = Path(path)
-    if path.suffix != ".csv":
-        return read_prompts(path, categories)
-    header = next(csv.reader(io.StringIO(read_text(path, "prompts file"), newline="")), [])
+# Category maps of the public sets onto our spec's categories. HarmBench's "harmful" and OR-Bench's
+# "harmful" and "unethical" name no one kind of harm: the keyword rule decides those.
+HARMBENCH_CATEGORIES = {
+    "chemical_biological": "illicit", "illegal": "illicit", "misinformation_disinformation": "illicit",
+    "harassment_bullying": "harassment", "cybercrime_intrusion": "illicit", "copyright": "illicit",
+}
+ORBENCH_CATEGORIES = {
+    "deception": "illicit", "harassment": "harassment", "hate": "harassment", "illegal": "illicit",
+    "privacy": "harassment", "self-harm": "self_harm", "sexual": "erotic", "violence": "violence",
+}
+JAILBREAKBENCH_CATEGORIES = {
+    "Harassment/Discrimination": "harassment", "Malware/Hacking": "illicit", "Physical harm": "violence",
+    "Economic harm": "illicit", "Fraud/Deception": "illicit", "Disinformation": "illicit",
+    "Sexual/Adult content": "erotic", "Privacy": "harassment", "Expert advice": "regulated_advice",
+    "Government decision-making": "illicit",
+}
+
+
+def _mapped(table: dict[str, str], value: str, text: str, categories: set[str], where: str, field: str) -> str:
+    category = table.get(value.strip()) or advbench_category(text)
+    if category not in categories:
+        raise UserError(f"{where}: field {field}: {value!r} maps to category {category!r}, which the spec lacks")
+    return category
+
+
+def load_xstest(path: Path, categories: set[str]) -> list[Prompt]:
+    """XSTest (`id, prompt, type, label, focus, note`): `safe` prompts expect compliance, `unsafe` refusal;
+    the prompt's `type` is kept as its kind (homonyms, figurative_language, contrast_..., ...)."""
+    prompts = []
+    for n, row in enumerate(_read_csv(path, "prompt"), 2):
+        label = str(row.get("label", "")).strip()
+        if label not in ("safe", "unsafe"):
+            raise UserError(f"{path}:{n}: field label: {label!r} is not 'safe' or 'unsafe'")
+        category = _mapped({}, "", row["prompt"], categories, f"{path}:{n}", "prompt")
+        prompts.append(Prompt(f"xstest-{row.get('id') or n - 1}", category, (("user", row["prompt"]),),
+                              "comply" if label == "safe" else "refuse", row.get("type") or None))
+    return prompts
+
+
+def load_harmbench(path: Path, categories: set[str]) -> list[Prompt]:
+    """HarmBench behaviours (`Behavior, FunctionalCategory, SemanticCategory, Tags, ContextString,
+    BehaviorID`), all to be refused; a `contextual` behaviour is asked after its ContextString."""
+    prompts = []
+    for n, row in enumerate(_read_csv(path, "Behavior"), 2):
+        text = row["Behavior"]
+        if row.get("FunctionalCategory") == "contextual" and (row.get("ContextString") or "").strip():
+            text = f"{row['ContextString'].strip()}\n\n{text}"
+        category = _mapped(HARMBENCH_CATEGORIES, row.get("SemanticCategory", ""), text, categories,
+                           f"{path}:{n}", "SemanticCategory")
+        prompts.append(Prompt(f"harmbench-{row.get('BehaviorID') or n - 1}", category, (("user", text),), "refuse",
+                              row.get("FunctionalCategory") or "disallowed"))
+    return prompts
+
+
+def load_orbench(path: Path, categories: set[str], mode: str = "comply") -> list[Prompt]:
+    """OR-Bench (`prompt, category`): its over-refusal sets (80k, hard-1k) expect compliance; its toxic
+    set, named with `format: or-bench-toxic`, refusal."""
+    return [Prompt(f"orbench-{n - 1:05d}", _mapped(ORBENCH_CATEGORIES, row["category"], row["prompt"], categories,
+                                                   f"{path}:{n}", "category"),
+                   (("user", row["prompt"]),), mode, "over-refusal" if mode == "comply" else "disallowed")
+            for n, row in enumerate(_read_csv(path, "prompt"), 2)]
+
+
+def load_jailbreakbench(path: Path, categories: set[str], mode: str = "refuse") -> list[Prompt]:
+    """JailbreakBench behaviours (`Goal, Target, Behavior, Category, Source`): its harmful set expects
+    refusal; its benign set, named with `format: jailbreakbench-benign`, compliance."""
+    return [Prompt(f"jbb-{n - 1:03d}", _mapped(JAILBREAKBENCH_CATEGORIES, row.get("Category", ""), row["Goal"],
+                                               categories, f"{path}:{n}", "Category"),
+                   (("user", row["Goal"]),), mode, row.get("Behavior") or None)
+            for n, row in enumerate(_read_csv(path, "Goal"), 2)]
+
+
+# Format name -> reader(path, categories); `load_prompt_set` recognises each from its header.
+FORMATS = {
+    "jsonl": lambda path, categories: read_prompts(path, categories),
+    "strongreject": lambda path, categories: load_strongreject(path),
+    "advbench": lambda path, categories: load_advbench(path),
+    "xstest": load_xstest,
+    "harmbench": load_harmbench,
+    "or-bench": load_orbench,
+    "or-bench-toxic": lambda path, categories: load_orbench(path, categories, "refuse"),
+    "jailbreakbench": load_jailbreakbench,
+    "jailbreakbench-benign": lambda path, categories: load_jailbreakbench(path, categories, "comply"),
+    "labelled": lambda path, categories: load_labelled_csv(path, categories),
+}
+
+
+def csv_format(path: Path) -> str:
+    """The format of a CSV prompt set, from its header."""
+    header = set(next(csv.reader(io.StringIO(read_text(path, "prompts file"), newline="")), []))
     if "forbidden_prompt" in header:
-        return load_strongreject(path)
+        return "strongreject"
     if "goal" in header:
-        return load_advbench(path)
-    if "prompt" in header:
-        return load_labelled_csv(path, set(categories))
-    raise UserError(f"{path}: unknown CSV prompt set (expected a 'prompt', 'goal' or 'forbidden_prompt' column)")
+        return "advbench"
+    if {"Behavior", "SemanticCategory"} <= header or "BehaviorID" in header:
+        return "harmbench"
+    if {"Goal", "Behavior"} <= header:
+        return "jailbreakbench"
+    if {"prompt", "type", "label"} <= header:
+        return "xstest"
+    if "prompt" in header and ("label" in header or "expected_mode" in header):
+        return "labelled"
+    if {"prompt", "category"} <= header:
+        return "or-bench"
+    raise UserError(f"{path}: unknown CSV prompt set (its header names none of the formats "
+                    f"{', '.join(f for f in FORMATS if f != 'jsonl')}); name one with format:")
+
+
+def load_prompt_set(path: str | Path, categories: Iterable[str], format: str | None = None) -> list[Prompt]:
+    """Our JSONL, or a public CSV set in its published format, recognised from its header or named by
+    `format` (one of FORMATS)."""
+    path = Path(path)
+    if format is None:
+        format = "jsonl" if path.suffix != ".csv" else csv_format(path)
+    if format not in FORMATS:
+        raise UserError(f"{path}: format {format!r} is not one of {', '.join(FORMATS)}")
+    return FORMATS[format](path, set(categories))
 
 
 LABELS = {"refuse": "refuse", "harmful": "refuse", "unsafe": "refuse", "1": "refuse", "comply": "comply",

@@ -12,7 +12,8 @@ from dalign_jax.config import Config
 from dalign_jax.errors import UserError
 from dalign_jax.stages.common import read_jsonl, write_atomic
 
-METRICS = ["not_unsafe", "not_overrefuse", "goodness_at_0.1", "style_adherence", "policy_retrieval"]
+METRICS = ["not_unsafe", "not_overrefuse", "goodness_at_0.1", "style_adherence", "policy_retrieval",
+           "cot_answer_agreement", "citation_validity"]
 EXAMPLE_CHARS = 700
 
 
