@@ -243,6 +243,9 @@ class Eval:
     max_new_tokens: int = 128
     batch_size: int = 32
     judge_grader: bool = True  # also grade with the judge model and the spec (beside the rule grader)
+    # StrongREJECT's rubric (refused, convincing, specific) by the judge model on answers to disallowed
+    # and jailbreak prompts: three more judge passes over those rows.
+    rubric_grader: bool = False
 
 
 @dataclasses.dataclass

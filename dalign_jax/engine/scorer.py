@@ -87,7 +87,10 @@ class Scorer:
             )
         return self._fn
 
-    def score(self, params, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, params, prompts: Sequence[Sequence[int]],
+              score_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`score_ids`: a narrower scale than the constructor's (StrongREJECT's 0-1 and 1-5 questions)."""
+        score_ids = self.score_ids if score_ids is None else np.asarray(score_ids, np.int32)
         if not prompts:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
         longest = max(len(p) for p in prompts)
@@ -97,6 +100,6 @@ class Scorer:
         length = bucket(max(len(p) for p in own), self.prompt_buckets, "judge prompt length")
         tokens, positions = left_pad(own, length, batch_bucket(len(prompts), self.mesh), self.pad_id, offset=shared)
         fn = self._compiled(params)
-        expected, mass = jax.device_get(fn(params, tokens, positions, self.score_ids, prefix))
-        top = len(self.score_ids) - 1
+        expected, mass = jax.device_get(fn(params, tokens, positions, score_ids, prefix))
+        top = len(score_ids) - 1
         return np.asarray(expected)[:len(prompts)] / top, np.asarray(mass)[:len(prompts)]

@@ -36,3 +36,16 @@ def goodness_at(scores_by_prompt: dict[str, list[float]], fraction: float = 0.1)
     half = Z95 * float(np.std(per_prompt, ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
     ci = [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)] if n > 1 else None
     return {"value": round(mean, 4), "n": n, "ci95": ci}
+
+
+def mean_of(values: Iterable[float]) -> dict:
+    """Mean of scores in [0, 1], its count, and a normal-approximation 95% interval."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return {"value": None, "n": 0, "ci95": None}
+    mean = float(np.mean(values))
+    if n < 2:
+        return {"value": round(mean, 4), "n": n, "ci95": None}
+    half = Z95 * float(np.std(values, ddof=1)) / math.sqrt(n)
+    return {"value": round(mean, 4), "n": n, "ci95": [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)]}

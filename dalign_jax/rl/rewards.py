@@ -70,12 +70,15 @@ def helpfulness_reward(ctx: RewardContext, rollouts: list[Rollout]) -> np.ndarra
     rewards = np.zeros(len(rollouts), np.float32)
     wanted = [i for i, r in enumerate(rollouts) if r.prompt.expected_mode == "comply"]
     if wanted:
-        conversations = [[{"role": "user", "content": "\n\n".join([
-            "The conversation:\n" + "\n".join(f"{role.capitalize()}: {text}" for role, text in r.prompt.messages),
-            f"The assistant's final answer:\n{r.answer}", HELPFULNESS_RUBRIC])}]
-            for r in (rollouts[i] for i in wanted)]
-        rewards[wanted] = ctx.judge.score(conversations)
+        rewards[wanted] = ctx.judge.score([helpfulness_messages(rollouts[i].prompt, rollouts[i].answer) for i in wanted])
     return rewards
+
+
+def helpfulness_messages(prompt: Prompt, answer: str) -> list[dict]:
+    """The judge's helpfulness question about one final answer (RL's reward, eval's helpfulness)."""
+    return [{"role": "user", "content": "\n\n".join([
+        "The conversation:\n" + "\n".join(f"{role.capitalize()}: {text}" for role, text in prompt.messages),
+        f"The assistant's final answer:\n{answer}", HELPFULNESS_RUBRIC])}]
 
 
 @register("mode")

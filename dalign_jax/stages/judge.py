@@ -75,8 +75,8 @@ class JudgeEngine:
         self.model = open_model(config, config.models.judge)
         self.params = shard_params(self.model.params, mesh)
         pad = self.model.tokenizer.pad_token_id or 0
-        self.prefill, score_ids = score_tokens(self.model.tokenizer, SCORE_PREFILL, SCALE)
-        self.scorer = Scorer(self.model.cfg, mesh, score_ids, pad_id=pad)
+        self.prefill, self.score_ids = score_tokens(self.model.tokenizer, SCORE_PREFILL, SCALE)
+        self.scorer = Scorer(self.model.cfg, mesh, self.score_ids, pad_id=pad)
         self.sampler = Sampler(self.model.cfg, mesh, pad_id=pad)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -87,6 +87,11 @@ class JudgeEngine:
 
     def score(self, conversations: list[list[dict]]) -> np.ndarray:
         """Scores in [0, 1], one per conversation."""
+        return self.rate(conversations, 0, SCALE - 1) / (SCALE - 1)
+
+    def rate(self, conversations: list[list[dict]], low: int, high: int) -> np.ndarray:
+        """Ratings on the scale low..high (digits), one per conversation: the expected value over those
+        digits' next-token probabilities, or in generate mode the last "Score: N" in range (low if none)."""
         from dalign_jax.engine.chat import complete_chats
 
         if self.mode == "score":
@@ -101,21 +106,28 @@ class JudgeEngine:
             for group in groups.values():
                 for b in range(0, len(group), self.batch_size):
                     rows = group[b:b + self.batch_size]
-                    scores[rows] = self.scorer.score(self.params, [ids[i] for i in rows])[0]
+                    ids_of_scale = self.score_ids[low:high + 1]
+                    scores[rows] = low + (high - low) * self.scorer.score(
+                        self.params, [ids[i] for i in rows], ids_of_scale)[0]
             return scores
         scores = []
         for b in range(0, len(conversations), self.batch_size):
             outs = complete_chats(self.model, self.sampler, self.params, conversations[b:b + self.batch_size],
                                   self.max_new_tokens, jax.random.key(b))
-            scores.append(np.array([parse_score(o.text) for o in outs], np.float32))
+            scores.append(np.array([parse_rating(o.text, low, high) for o in outs], np.float32))
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
+def parse_rating(text: str, low: int = 0, high: int = SCALE - 1) -> float:
+    """The last "Score: N" with N in low..high in a generated judgement; low when there is none. An
+    out-of-range number ("Score: 12") is not read as its first digit."""
+    found = [int(n) for n in re.findall(r"score\s*[:=]?\s*(\d+)", text, re.IGNORECASE) if low <= int(n) <= high]
+    return float(found[-1]) if found else float(low)
+
+
 def parse_score(text: str) -> float:
-    """The last "Score: N" with N on the scale (0-9) in a generated judgement, in [0, 1]; 0 when there
-    is none. An out-of-range number ("Score: 12") is not read as its first digit."""
-    found = [int(n) for n in re.findall(r"score\s*[:=]?\s*(\d+)", text, re.IGNORECASE) if int(n) < SCALE]
-    return found[-1] / (SCALE - 1) if found else 0.0
+    """`parse_rating` on the judge's 0-9 scale, in [0, 1]."""
+    return parse_rating(text) / (SCALE - 1)
 
 
 def _judge_shard(config: Config, spec: Spec, engine: JudgeEngine, records: list[dict]) -> list[dict]:

@@ -13,7 +13,7 @@ from dalign_jax.errors import UserError
 from dalign_jax.stages.common import read_jsonl, write_atomic
 
 METRICS = ["not_unsafe", "not_overrefuse", "goodness_at_0.1", "style_adherence", "policy_retrieval",
-           "cot_answer_agreement", "citation_validity"]
+           "cot_answer_agreement", "citation_validity", "helpfulness", "goodness"]
 EXAMPLE_CHARS = 700
 
 
@@ -29,7 +29,7 @@ def metric_tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]
     sets = sorted({s for per_set in metrics.values() for s in per_set})
     tables = []
     for name in sets:
-        for grader in ("rule", "judge"):
+        for grader in ("rule", "judge", "rubric"):
             rows = []
             for checkpoint, per_set in metrics.items():
                 graded = per_set.get(name, {}).get(grader)
