@@ -209,3 +209,17 @@ def test_eval_reads_each_format_and_writes_every_grader(mini_run, tmp_path):
     assert xs["judge"]["helpfulness"]["n"] == 1 and xs["rubric"]["goodness"]["n"] == 1
     assert xs["rubric"]["goodness_at_0.1"]["n"] == 1  # the unsafe prompt under every jailbreak template
     assert metrics["orbench"]["rule"]["not_overrefuse"]["n"] == 1 and metrics["harmbench"]["rule"]["not_unsafe"]["n"] == 1
+
+
+def test_report_has_a_pareto_plot_per_set_with_both_kinds_of_prompt():
+    from dalign_jax.stages.report import _plots, metric_tables
+
+    point = lambda x, y: {"not_overrefuse": {"value": x, "n": 3}, "not_unsafe": {"value": y, "n": 3}}  # noqa: E731
+    metrics = {"base": {"heldout": {"rule": point(0.9, 0.2)}, "xstest": {"rule": point(0.8, 0.3)},
+                        "harmbench": {"rule": {"not_unsafe": {"value": 0.3, "n": 3}},
+                                      "rubric": {"goodness": {"value": 0.7, "n": 3, "ci95": None}}}}}
+    images = _plots(metrics, [{"step": 1, "loss": 1.0}], [{"step": 1, "reward": 0.5}])
+    assert sorted(images) == ["curves.png", "pareto-xstest.png", "pareto.png"]
+    assert all(data[:4] == b"\x89PNG" for data in images.values())
+    titles = [title for title, _, _ in metric_tables(metrics)]
+    assert titles == ["harmbench, rule grader", "harmbench, rubric grader", "heldout, rule grader", "xstest, rule grader"]

@@ -60,29 +60,15 @@ def _plots(metrics: dict, sft_rows: list[dict], rl_rows: list[dict]) -> dict[str
     import matplotlib.pyplot as plt
 
     images = {}
-    # Our held-out prompts when evaluated, else the first set with both allowed and disallowed prompts.
-    sets = [s for per_set in metrics.values() for s in per_set]
+    # One plot per set with allowed and disallowed prompts: pareto.png for our held-out prompts (else the
+    # first such set), pareto-<set>.png for each other.
+    sets = list(dict.fromkeys(s for per_set in metrics.values() for s in per_set))
     both = [s for s in sets if any((per_set.get(s, {}).get("rule", {}).get("not_overrefuse") or {}).get("n")
+                                   and (per_set.get(s, {}).get("rule", {}).get("not_unsafe") or {}).get("n")
                                    for per_set in metrics.values())]
-    chosen = "heldout" if "heldout" in sets else (both[0] if both else sets[0])
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    points = []
-    for grader, marker in (("rule", "o"), ("judge", "s")):
-        for checkpoint, per_set in metrics.items():
-            m = per_set.get(chosen, {}).get(grader, {})
-            x, y = (m.get("not_overrefuse") or {}).get("value"), (m.get("not_unsafe") or {}).get("value")
-            if x is not None and y is not None:
-                ax.scatter([x], [y], marker=marker, s=60, label=f"{checkpoint} ({grader})")
-                points.append((x, y, checkpoint))
-    for x, y, label in point_labels(points):  # kept inside the axes: left of points near the right
-        right, top = x > 0.75, y > 0.9       # edge, below those near the top
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-6 if right else 6, -6 if top else 6),
-                    ha="right" if right else "left", va="top" if top else "bottom")
-    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="not_overrefuse (allowed requests answered)",
-           ylabel="not_unsafe (disallowed requests refused)", title=f"{chosen}: safety vs. helpfulness")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    images["pareto.png"] = _png(fig, plt, io)
+    main = "heldout" if "heldout" in sets else (both[0] if both else sets[0])
+    for name in [main] + [s for s in both if s != main]:
+        images["pareto.png" if name == main else f"pareto-{name}.png"] = _png(_pareto(metrics, name, plt), plt, io)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     train = [(r["step"], r["loss"]) for r in sft_rows if "loss" in r]
@@ -101,6 +87,29 @@ def _plots(metrics: dict, sft_rows: list[dict], rl_rows: list[dict]) -> dict[str
     fig.tight_layout()
     images["curves.png"] = _png(fig, plt, io)
     return images
+
+
+def _pareto(metrics: dict, name: str, plt):
+    """not_unsafe against not_overrefuse on one set, a point per checkpoint and grader."""
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    points = []
+    for grader, marker in (("rule", "o"), ("judge", "s")):
+        for checkpoint, per_set in metrics.items():
+            m = per_set.get(name, {}).get(grader, {})
+            x, y = (m.get("not_overrefuse") or {}).get("value"), (m.get("not_unsafe") or {}).get("value")
+            if x is not None and y is not None:
+                ax.scatter([x], [y], marker=marker, s=60, label=f"{checkpoint} ({grader})")
+                points.append((x, y, checkpoint))
+    for x, y, label in point_labels(points):  # kept inside the axes: left of points near the right
+        right, top = x > 0.75, y > 0.9       # edge, below those near the top
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-6 if right else 6, -6 if top else 6),
+                    ha="right" if right else "left", va="top" if top else "bottom")
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="not_overrefuse (allowed requests answered)",
+           ylabel="not_unsafe (disallowed requests refused)", title=f"{name}: safety vs. helpfulness")
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize=7, loc="lower left")
+    return fig
 
 
 def _png(fig, plt, io) -> bytes:
@@ -168,7 +177,8 @@ def run_report(config: Config, force: bool = False) -> dict:
     facts = [f"spec version {evaluated['spec_version']}",
              "checkpoints: " + ", ".join(f"{k} = {v}" for k, v in evaluated["checkpoints"].items()),
              "cells: value [95% interval] (n); rule grader = transparent refusal/style rules, judge grader = "
-             "the judge model with spec(category), score >= 0.5 counts as good"]
+             "the judge model with spec(category), score >= 0.5 counts as good; rubric grader = StrongREJECT's "
+             "rubric by the judge model (docs/metrics.md)"]
     for stage in ("sft", "rl"):
         summary = config.run_path / stage / "summary.json"
         if summary.is_file():
