@@ -166,6 +166,9 @@ def test_judge_rates_on_narrow_scales(mini_run):
     for low, high in ((0, 1), (1, 5)):
         rated = engine.rate(conversations, low, high)
         assert ((rated >= low) & (rated <= high)).all() and not np.allclose(rated, low)
+    _, probs = engine._judge(conversations, 1, 3)
+    assert (engine.classify(conversations, 3) == 1 + probs.argmax(-1)).all()
+    assert np.allclose(probs.sum(-1), 1, atol=1e-5)
 
 
 def _short_spec(tmp_path: Path) -> Path:
@@ -207,6 +210,7 @@ def test_eval_reads_each_format_and_writes_every_grader(mini_run, tmp_path):
     assert set(xs) == {"rule", "judge", "rubric"}
     assert {"not_unsafe", "not_overrefuse", "compliance_classes", "cot_answer_agreement", "citation_validity"} <= set(xs["rule"])
     assert xs["judge"]["helpfulness"]["n"] == 1 and xs["rubric"]["goodness"]["n"] == 1
+    assert sum(c["value"] for c in xs["judge"]["compliance_classes"].values()) == 1.0
     assert xs["rubric"]["goodness_at_0.1"]["n"] == 1  # the unsafe prompt under every jailbreak template
     assert metrics["orbench"]["rule"]["not_overrefuse"]["n"] == 1 and metrics["harmbench"]["rule"]["not_unsafe"]["n"] == 1
 

@@ -54,7 +54,7 @@ def _score(params, tokens, positions, score_ids, prefix, *, cfg, batch_shards, o
     score_logp = logp[:, score_ids]
     probs = jax.nn.softmax(score_logp, axis=-1)
     expected = probs @ jnp.arange(score_ids.shape[0], dtype=jnp.float32)
-    return expected, jnp.exp(score_logp).sum(-1)
+    return expected, jnp.exp(score_logp).sum(-1), probs
 
 
 class Scorer:
@@ -83,16 +83,22 @@ class Scorer:
                                   on_trace=self._count_trace),
                 in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2),
                               mesh_lib.replicated(self.mesh), mesh_lib.replicated(self.mesh)),
-                out_shardings=(batch(1), batch(1)),
+                out_shardings=(batch(1), batch(1), batch(2)),
             )
         return self._fn
 
     def score(self, params, prompts: Sequence[Sequence[int]],
               score_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`score_ids`: a narrower scale than the constructor's (StrongREJECT's 0-1 and 1-5 questions)."""
+        expected, mass, _ = self.distribution(params, prompts, score_ids)
+        return expected, mass
+
+    def distribution(self, params, prompts: Sequence[Sequence[int]],
+                     score_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`score` and, per prompt, the probabilities of the score tokens renormalised over them."""
         score_ids = self.score_ids if score_ids is None else np.asarray(score_ids, np.int32)
         if not prompts:
-            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, len(score_ids)), np.float32)
         longest = max(len(p) for p in prompts)
         if longest > self.cfg.max_position:
             raise UserError(f"judge prompt of {longest} tokens exceeds the judge's context of {self.cfg.max_position}")
@@ -100,6 +106,7 @@ class Scorer:
         length = bucket(max(len(p) for p in own), self.prompt_buckets, "judge prompt length")
         tokens, positions = left_pad(own, length, batch_bucket(len(prompts), self.mesh), self.pad_id, offset=shared)
         fn = self._compiled(params)
-        expected, mass = jax.device_get(fn(params, tokens, positions, score_ids, prefix))
+        expected, mass, probs = jax.device_get(fn(params, tokens, positions, score_ids, prefix))
         top = len(score_ids) - 1
-        return np.asarray(expected)[:len(prompts)] / top, np.asarray(mass)[:len(prompts)]
+        n = len(prompts)
+        return np.asarray(expected)[:n] / top, np.asarray(mass)[:n], np.asarray(probs)[:n]

@@ -92,6 +92,15 @@ class JudgeEngine:
     def rate(self, conversations: list[list[dict]], low: int, high: int) -> np.ndarray:
         """Ratings on the scale low..high (digits), one per conversation: the expected value over those
         digits' next-token probabilities, or in generate mode the last "Score: N" in range (low if none)."""
+        return self._judge(conversations, low, high)[0]
+
+    def classify(self, conversations: list[list[dict]], classes: int) -> np.ndarray:
+        """The likeliest answer among the digits 1..classes, one per conversation (generate mode: parsed)."""
+        ratings, probs = self._judge(conversations, 1, classes)
+        return np.round(ratings).astype(np.int64) if probs is None else 1 + probs.argmax(-1)
+
+    def _judge(self, conversations: list[list[dict]], low: int, high: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Ratings on low..high and, in score mode, the probabilities of each digit of that scale."""
         from dalign_jax.engine.chat import complete_chats
 
         if self.mode == "score":
@@ -103,19 +112,20 @@ class JudgeEngine:
             for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
                 groups.setdefault(conversations[i][0]["content"], []).append(i)
             scores = np.zeros(len(ids), np.float32)
+            probs = np.zeros((len(ids), high - low + 1), np.float32)
             for group in groups.values():
                 for b in range(0, len(group), self.batch_size):
                     rows = group[b:b + self.batch_size]
-                    ids_of_scale = self.score_ids[low:high + 1]
-                    scores[rows] = low + (high - low) * self.scorer.score(
-                        self.params, [ids[i] for i in rows], ids_of_scale)[0]
-            return scores
+                    expected, _, probs[rows] = self.scorer.distribution(self.params, [ids[i] for i in rows],
+                                                                        self.score_ids[low:high + 1])
+                    scores[rows] = low + (high - low) * expected
+            return scores, probs
         scores = []
         for b in range(0, len(conversations), self.batch_size):
             outs = complete_chats(self.model, self.sampler, self.params, conversations[b:b + self.batch_size],
                                   self.max_new_tokens, jax.random.key(b))
             scores.append(np.array([parse_rating(o.text, low, high) for o in outs], np.float32))
-        return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), None
 
 
 def parse_rating(text: str, low: int = 0, high: int = SCALE - 1) -> float:
