@@ -16,7 +16,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -25,9 +25,30 @@ from dalign_jax.userfiles import load_yaml, read_text
 
 
 @dataclasses.dataclass
+class Endpoint:
+    """A model behind an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, `dalign serve`)."""
+    endpoint: str = ""  # the API's base URL, e.g. http://127.0.0.1:8000/v1
+    model: str = ""  # the served model's name; "": the first the server lists
+    api_key_env: str = ""  # environment variable holding the API key; "": none sent
+    max_concurrency: int = 16  # requests in flight at once
+    timeout_s: float = 600.0  # per request
+    retries: int = 4  # further tries after a connection error, 429 or 5xx, with exponential backoff
+    # Judge score mode: the start of the judge's reply, which the server continues (vLLM's and our
+    # `continue_final_message`); "": no prefill, for servers without it, the first token is the score.
+    prefill: str = "Score:"
+    top_logprobs: int = 20  # judge score mode: the alternatives asked for at the score token
+
+
+ModelRef = Union[str, Endpoint]
+
+
+@dataclasses.dataclass
 class Models:
     policy: str = "smollm2-135m"  # the model being aligned: HF directory, .gguf file or alias
-    judge: str = "smollm2-135m"  # the spec-aware grader (G_RM)
+    # The teacher that writes the analyses and answers (distill): local like the policy, or an
+    # endpoint; "": the policy.
+    teacher: ModelRef = ""
+    judge: ModelRef = "smollm2-135m"  # the spec-aware grader (G_RM): local or an endpoint
     # einsum: ours (a shared prefix is held once, prefill in causal chunks); fused:
     # jax.nn.dot_product_attention (cuDNN flash attention on GPUs for bfloat16). Same results.
     attention: Literal["einsum", "fused"] = "einsum"
@@ -75,7 +96,8 @@ class Distill:
     answer_tokens: int = 128  # limit for the final answer
     # Write the answer delimiter after the analysis ourselves and sample the answer in a second pass,
     # so that a small model's completions always have both parts; false: one pass, parsed as written.
-    force_format: bool = True
+    # Unset: true for a local teacher, false for one at an endpoint (which cannot continue our text).
+    force_format: Optional[bool] = None
     # Tell the teacher each prompt's expected_mode in the system turn, which SFT drops with the spec,
     # and (with force_format) end its analysis on that decision: a small teacher that reads the spec
     # and still complies with everything then writes refusals and safe completions where they belong.
@@ -380,6 +402,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         _merge(raw, key.strip(), value)
         source = f"{source} + overrides" if "overrides" not in source else source
     config = _build(Config, raw, "", source)
+    if config.distill.force_format is None:
+        config.distill.force_format = not isinstance(config.models.teacher, Endpoint)
     _check_ranges(config, source)
     import_plugins(config.plugins, source)
     _check_registered(config, source)
@@ -437,6 +461,8 @@ def _check_registered(config: Config, source: str) -> None:
 OPEN = "open"
 RANGES: dict[type, dict[str, tuple]] = {
     Config: {"seed": (0, None)},
+    Endpoint: {"max_concurrency": (1, None), "timeout_s": (0.0, None, OPEN), "retries": (0, None),
+               "top_logprobs": (1, None)},
     MeshConfig: {"data": (-1, None), "fsdp": (-1, None), "tensor": (-1, None), "devices": (0, None)},
     Distributed: {"num_processes": (1, None), "process_id": (0, None)},
     Prompts: {"limit": (0, None), "per_category": (0, None), "extra_per_category": (0, None)},
@@ -532,6 +558,33 @@ def _check_ranges(config: Config, source: str) -> None:
             if count < 1:
                 raise UserError(f"{source}: config key {key}.{mode}: must be at least 1, got {count!r}")
     _check_numbers(config, "", source)
+    _check_endpoints(config, source)
+
+
+# Distill keys that steer a teacher token by token (a second sampling pass after text we write): an
+# endpoint teacher writes its analysis and answer in one reply, so these are refused for it.
+TOKEN_LEVEL_DISTILL_KEYS = ("force_format", "cot_sentences", "cot_conclusion", "analysis_template", "answer_prefix")
+
+
+def _check_endpoints(config: Config, source: str) -> None:
+    for role in ("teacher", "judge"):
+        ref = getattr(config.models, role)
+        if isinstance(ref, Endpoint) and not ref.endpoint.startswith(("http://", "https://")):
+            raise UserError(f"{source}: config key models.{role}.endpoint: expected an http:// or https:// URL, "
+                            f"got {ref.endpoint!r}")
+    if isinstance(config.models.teacher, Endpoint):
+        for key in TOKEN_LEVEL_DISTILL_KEYS:
+            if getattr(config.distill, key):
+                raise UserError(f"{source}: config key distill.{key}: needs token-level control of the teacher, "
+                                "which a teacher at an endpoint does not give (it writes analysis and answer in "
+                                "one reply); remove the key" + (" or set it to false" if key == "force_format" else ""))
+
+
+def model_ref(ref: ModelRef) -> str | dict:
+    """A model reference as a run header records it (an endpoint without its credentials' variable)."""
+    if isinstance(ref, Endpoint):
+        return {"endpoint": ref.endpoint, "model": ref.model}
+    return ref
 
 
 def config_to_dict(config: Config) -> dict:

@@ -19,7 +19,8 @@ from dalign_jax.model.loader import load_model
 from dalign_jax.model.transformer import forward
 from dalign_jax.parallel.mesh import make_mesh
 from dalign_jax.stages.distill import run_distill
-from dalign_jax.stages.judge import judge_messages, run_judge, select
+from dalign_jax.engine.judge import judge_messages
+from dalign_jax.stages.judge import run_judge, select
 
 
 def test_distill_records_and_judge_output(mini_run):
@@ -220,7 +221,7 @@ def test_scorer_is_the_expected_score_under_the_next_token_distribution(tiny_cha
 
 def test_judge_engine_batches_by_length_and_returns_scores_in_input_order(mini_run):
     from dalign_jax.stages.common import open_mesh
-    from dalign_jax.stages.judge import JudgeEngine
+    from dalign_jax.engine.judge import JudgeEngine
 
     config = load_config(mini_run, ["judge.batch_size=3"])
     spec = load_spec(config.spec_dir)
@@ -245,7 +246,7 @@ def test_judge_input_without_cot_never_contains_it():
 
 
 def test_generated_scores_outside_the_scale_are_not_misread():
-    from dalign_jax.stages.judge import parse_score
+    from dalign_jax.engine.judge import parse_score
 
     assert parse_score("Reasoning... Score: 7") == pytest.approx(7 / 9)
     assert parse_score("Score: 3. On reflection, Score: 12") == pytest.approx(3 / 9)

@@ -33,7 +33,7 @@ from dalign_jax.engine.scorer import Scorer, score_tokens  # noqa: E402
 from dalign_jax.model.loader import DEFAULT_MODEL, load_model, resolve_model_path  # noqa: E402
 from dalign_jax.parallel.mesh import make_mesh, shard_params  # noqa: E402
 from dalign_jax.stages.distill import distill_prompt_ids  # noqa: E402
-from dalign_jax.stages.judge import SCORE_PREFILL, judge_messages  # noqa: E402
+from dalign_jax.engine.judge import SCORE_PREFILL, judge_messages  # noqa: E402
 from dalign_jax.train.metrics import peak_flops_around  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,9 @@ import numpy as np
 from dalign_jax.data.prompts import Prompt
 from dalign_jax.data.spec import Spec
 from dalign_jax.errors import UserError
+from dalign_jax.engine.judge import judge_messages
+from dalign_jax.eval.graders import answer_fits_mode
 from dalign_jax.registry import registrar
-from dalign_jax.stages.judge import answer_fits_mode, judge_messages
 
 
 @dataclasses.dataclass(frozen=True)

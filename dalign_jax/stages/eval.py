@@ -227,7 +227,7 @@ def run_eval(config: Config, force: bool = False) -> dict:
     from dalign_jax.engine.sampler import Sampler
     from dalign_jax.model.loader import model_id_of
     from dalign_jax.parallel.mesh import shard_params
-    from dalign_jax.stages.judge import JudgeEngine
+    from dalign_jax.engine.judge import open_judge
 
     spec = load_spec(config.spec_dir)
     sets = eval_sets(config, spec)
@@ -260,7 +260,7 @@ def run_eval(config: Config, force: bool = False) -> dict:
                 rows = [dict(grade(spec, p, text, finished), model_id=model.model_id)
                         for p, (text, finished) in zip(everything, outputs)]
                 if config.eval.judge_grader or config.eval.rubric_grader:
-                    judge = judge or JudgeEngine(config, mesh)
+                    judge = judge or open_judge(config, mesh)
                 if config.eval.judge_grader:
                     _judge_grades(spec, judge, everything, rows)
                 if config.eval.rubric_grader:

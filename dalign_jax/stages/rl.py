@@ -123,7 +123,8 @@ class Rollouts:
 
 
 def run_rl(config: Config, force: bool = False) -> dict:
-    from dalign_jax.stages.judge import JudgeEngine
+    from dalign_jax.config import model_ref
+    from dalign_jax.engine.judge import open_judge
 
     rl, train = config.rl, config.rl.train
     spec = load_spec(config.spec_dir)
@@ -138,14 +139,14 @@ def run_rl(config: Config, force: bool = False) -> dict:
     if rl.ref_sync_every and not rl.kl_coef:
         raise UserError("rl.ref_sync_every: there is no reference to sync with rl.kl_coef 0")
     policy = open_model(config, starting_policy(config))
-    check_run_header(out, {"policy_model_id": policy.model_id, "judge_model": config.models.judge,
+    check_run_header(out, {"policy_model_id": policy.model_id, "judge_model": model_ref(config.models.judge),
                            "spec_version": spec.version, "rl": section(config, "rl"), "prompts": section(config, "prompts"),
                            "seed": config.seed, "mesh": section(config, "mesh")}, force)
     summary_path = out / "summary.json"
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
 
-    judge = JudgeEngine(config, mesh)
+    judge = open_judge(config, mesh)
     context = RewardContext(spec, judge, rl.max_new_tokens, config.judge.use_expected_mode)
     optimizer = make_optimizer(train, rl.steps * rl.updates_per_rollout)
     schedule = learning_rate_schedule(train, rl.steps * rl.updates_per_rollout)
