@@ -1,5 +1,6 @@
-"""Stage: context distillation. The policy model, shown spec(category) and instructions, writes k
-analyses-plus-answers per prompt; each is parsed and recorded with the spec and model that made it.
+"""Stage: context distillation. The teacher (the policy unless `models.teacher` names another model,
+local or at an endpoint), shown spec(category) and instructions, writes k analyses-plus-answers per
+prompt; each is parsed and recorded with the spec and model that made it.
 
 Prompts are cut into shards of `distill.shard_size`; a shard is written whole (atomically) or not at
 all, and its randomness depends only on the seed and its index, so a rerun after a crash skips the
@@ -7,12 +8,14 @@ finished shards and produces the same records an uninterrupted run would.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 
 import jax
 from tqdm import tqdm
 
-from dalign_jax.config import Config, Distill
+from dalign_jax.config import Config, Distill, Endpoint
 from dalign_jax.data.completion import (ANSWER_DELIMITER, COT_PREFIX, DISTILL_INSTRUCTIONS, end_on_decision,
                                         parse_completion, trim_answer)
 from dalign_jax.data.prompts import grouped
@@ -73,6 +76,56 @@ def distill_prompt_ids(tokenizer, spec: Spec, prompt, mode_hint: bool = False) -
             + tokenizer.encode(COT_PREFIX, add_special_tokens=False))
 
 
+def completion_record(config: Config, spec: Spec, model_id: str, prompt, sample: int, text: str, done: bool) -> dict:
+    """One distilled completion, its answer trimmed as `distill` says and parsed, with what made it."""
+    d = config.distill
+    head, sep, answer = text.partition(ANSWER_DELIMITER)
+    trimmed = False
+    if sep:
+        kept, done = trim_answer(answer, done, d.answer_sentences.get(prompt.expected_mode, 0), d.trim_truncated)
+        trimmed, text = len(kept) < len(answer), head + sep + kept
+    parsed = parse_completion(text, finished=done)
+    return {
+        "prompt_id": prompt.id, "sample": sample, "category": prompt.category,
+        "expected_mode": prompt.expected_mode, "kind": prompt.kind, "messages": prompt.chat(),
+        "completion": text, "trimmed": trimmed, "cot": parsed.cot, "answer": parsed.answer,
+        "parse_status": parsed.status,
+        "decision": parsed.decision, "cited_sections": list(parsed.cited_sections),
+        "spec_version": spec.version, "model_id": model_id,
+        "sampling": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
+                     "cot_tokens": d.cot_tokens, "answer_tokens": d.answer_tokens,
+                     "force_format": d.force_format, "mode_hint": d.mode_hint,
+                     "cot_sentences": d.cot_sentences, "cot_conclusion": d.cot_conclusion,
+                     "analysis_template": d.analysis_template,
+                     "answer_prefix": d.answer_prefix,
+                     "answer_sentences": d.answer_sentences, "trim_truncated": d.trim_truncated,
+                     "seed": config.seed},
+    }
+
+
+def request_seed(seed: int, shard: int, prompt_id: str) -> int:
+    """The seed an endpoint samples a prompt's completions with: the same on every rerun of a shard."""
+    digest = hashlib.sha256(f"{seed}/{shard}/{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
+
+
+def _remote_shard_records(config: Config, spec: Spec, teacher, prompts, shard: int) -> list[dict]:
+    """A shard's completions from a teacher at an endpoint: one chat request per prompt with n samples."""
+    d = config.distill
+    extra = {name: value for name, value, off in (("top_k", d.top_k, 0), ("min_p", d.min_p, 0.0),
+                                                 ("repetition_penalty", d.repetition_penalty, 1.0)) if value != off}
+    requests = [dict({"messages": distill_messages(spec, p, d.mode_hint), "n": samples_for(d, p),
+                      "temperature": d.temperature, "top_p": d.top_p, "max_tokens": d.cot_tokens + d.answer_tokens,
+                      "seed": request_seed(config.seed, shard, p.id)}, **({"extra_body": extra} if extra else {}))
+                for p in prompts]
+    records = []
+    for prompt, reply in zip(prompts, teacher.chat(requests)):
+        for sample, choice in enumerate(sorted(reply.choices, key=lambda c: c.index)[:samples_for(d, prompt)]):
+            records.append(completion_record(config, spec, teacher.model_id, prompt, sample,
+                                             choice.message.content or "", choice.finish_reason == "stop"))
+    return records
+
+
 def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, key) -> list[dict]:
     d = config.distill
     sampling = SamplingParams(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p,
@@ -121,46 +174,33 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
                                        sampling, stops)
             texts = [s + tok.decode(t) for s, t in zip(starts, answers.content())]
             finished = [bool(s) for s in answers.stopped]
-        for prompt, sample, text, done in zip(row_prompts, row_samples, texts, finished):
-            head, sep, answer = text.partition(ANSWER_DELIMITER)
-            trimmed = False
-            if sep:
-                kept, done = trim_answer(answer, done, d.answer_sentences.get(prompt.expected_mode, 0),
-                                         d.trim_truncated)
-                trimmed, text = len(kept) < len(answer), head + sep + kept
-            parsed = parse_completion(text, finished=done)
-            records.append({
-                "prompt_id": prompt.id, "sample": sample, "category": prompt.category,
-                "expected_mode": prompt.expected_mode, "kind": prompt.kind, "messages": prompt.chat(),
-                "completion": text, "trimmed": trimmed, "cot": parsed.cot, "answer": parsed.answer,
-                "parse_status": parsed.status,
-                "decision": parsed.decision, "cited_sections": list(parsed.cited_sections),
-                "spec_version": spec.version, "model_id": model.model_id,
-                "sampling": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
-                             "cot_tokens": d.cot_tokens, "answer_tokens": d.answer_tokens,
-                             "force_format": d.force_format, "mode_hint": d.mode_hint,
-                             "cot_sentences": d.cot_sentences, "cot_conclusion": d.cot_conclusion,
-                             "analysis_template": d.analysis_template,
-                             "answer_prefix": d.answer_prefix,
-                             "answer_sentences": d.answer_sentences, "trim_truncated": d.trim_truncated,
-                             "seed": config.seed},
-            })
+        records += [completion_record(config, spec, model.model_id, prompt, sample, text, done)
+                    for prompt, sample, text, done in zip(row_prompts, row_samples, texts, finished)]
     return records
 
 
 def run_distill(config: Config, force: bool = False) -> dict:
+    from dalign_jax.engine.remote import RemoteModel
     from dalign_jax.parallel.mesh import shard_params
 
     spec = load_spec(config.spec_dir)
     prompts = open_prompts(config, spec)
     out = config.run_path / "distill"
+    teacher_ref = config.models.teacher or config.models.policy
+    remote = isinstance(teacher_ref, Endpoint)
+    if config.distill.force_format is None:  # a Config built in code, not by load_config
+        config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, force_format=not remote))
+    if remote:  # asked before anything is written, so an unreachable server leaves no output
+        model = RemoteModel(teacher_ref, "teacher")
+    else:
+        model = open_model(config, teacher_ref)
     ensure_writable(out)
-    model = open_model(config, config.models.policy)
     check_run_header(out, {"spec_version": spec.version, "model_id": model.model_id, "seed": config.seed,
                            "prompts": section(config, "prompts"), "distill": section(config, "distill")}, force)
-    mesh = open_mesh(config)
-    params = shard_params(model.params, mesh)
-    sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
+    if not remote:
+        mesh = open_mesh(config)
+        params = shard_params(model.params, mesh)
+        sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
     # Shards take the prompts category by category (an extra set's after the main set's would
     # otherwise open a second run of every category): batches hold one category each, and every
     # category cut in two by a shard or a set boundary leaves one more part-filled batch.
@@ -172,7 +212,8 @@ def run_distill(config: Config, force: bool = False) -> dict:
         stem = out / f"shard-{i:05d}"
         if stem.with_suffix(".jsonl").is_file():
             continue  # finished before a crash
-        write_records(stem, _shard_records(config, spec, model, sampler, params, shard, jax.random.fold_in(key, i)))
+        write_records(stem, _remote_shard_records(config, spec, model, shard, i) if remote else
+                      _shard_records(config, spec, model, sampler, params, shard, jax.random.fold_in(key, i)))
     records = [r for i in range(len(shards)) for r in read_jsonl(out / f"shard-{i:05d}.jsonl")]
     statuses: dict[str, int] = {}
     for r in records:
@@ -180,7 +221,7 @@ def run_distill(config: Config, force: bool = False) -> dict:
     summary = {"records": len(records), "prompts": len(prompts), "shards": len(shards),
                "parse_status": statuses, "trimmed": sum(bool(r.get("trimmed")) for r in records),
                "spec_version": spec.version, "model_id": model.model_id,
-               "compilations": sampler.compile_count, "complete": True}
+               "compilations": 0 if remote else sampler.compile_count, "complete": True}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
