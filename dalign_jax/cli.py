@@ -91,6 +91,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import socket
+
+    from dalign_jax.engine.server import ServeEngine, create_app
+    from dalign_jax.model.loader import load_model
+
+    for name, value, low in (("--port", args.port, 1), ("--max-batch", args.max_batch, 1),
+                             ("--max-logprobs", args.max_logprobs, 0), ("--batch-window-ms", args.batch_window_ms, 0)):
+        if not low <= value < float("inf"):
+            raise UserError(f"serve: {name} must be at least {low}, got {value}")
+    api_key = args.api_key or os.environ.get("DALIGN_API_KEY") or None
+    try:  # a port in use is a clear error before the model loads, not uvicorn's traceback after
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except OSError as e:
+        raise UserError(f"serve: cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    mesh = _mesh(args.mesh)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model = load_model(args.model, need_tokenizer=True)
+    served = args.served_model_name or model.model_id
+    engine = ServeEngine(model, mesh, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
+                         max_logprobs=args.max_logprobs)
+    app = create_app(engine, served, api_key)
+    import uvicorn
+
+    print(f"dalign serve: {served} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_export(args) -> int:
     from dalign_jax.model.hf_io import export_hf
     from dalign_jax.model.loader import load_model
@@ -199,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes; -1 takes the remaining devices")
     gen.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible API (chat completions)")
+    srv.add_argument("--model", default="smollm2-135m", help="HF model directory, .gguf file, or alias")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless told otherwise)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require this bearer key (default: $DALIGN_API_KEY, else none)")
+    srv.add_argument("--served-model-name", help="the name clients ask for (default: the model's id)")
+    srv.add_argument("--max-batch", type=int, default=64, help="rows decoded together at most")
+    srv.add_argument("--batch-window-ms", type=float, default=5.0,
+                     help="how long the first request of a batch waits for others")
+    srv.add_argument("--max-logprobs", type=int, default=20, help="the largest top_logprobs a request may ask")
+    srv.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes; -1 takes the remaining devices")
+    srv.set_defaults(func=cmd_serve)
 
     exp = sub.add_parser("export", help="write a model as a Hugging Face directory")
     exp.add_argument("--model", required=True, help="HF model directory, .gguf file, or alias")

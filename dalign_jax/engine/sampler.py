@@ -211,7 +211,7 @@ def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams,
     return token.astype(jnp.int32), token_logp
 
 
-def _generate(params, tokens, positions, source, max_new, stop, seen, key, prefix, *, cfg: ModelConfig,
+def _generate(params, tokens, positions, source, max_new, stop, seen, row_keys, prefix, *, cfg: ModelConfig,
               sampling: SamplingParams, new_slots: int, pad_id: int, batch_shards: int, on_trace):
     """`tokens`, `positions`: the distinct prompts. `source` [rows] (or None: one row per prompt) says
     which prompt each sampled row continues: the k samples of a prompt share its prefill. `seen`
@@ -228,7 +228,6 @@ def _generate(params, tokens, positions, source, max_new, stop, seen, key, prefi
                                positions=take(cache.positions))
         logits, positions = take(logits), take(positions)
     batch = positions.shape[0]
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
     active = max_new > 0
 
     def cond(state):
@@ -299,7 +298,7 @@ class Sampler:
                                   pad_id=self.pad_id, batch_shards=mesh_lib.batch_size_multiple(self.mesh),
                                   on_trace=self._count_trace),
                 in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2), batch(1), batch(1),
-                              batch(2), batch(2), mesh_lib.replicated(self.mesh), mesh_lib.replicated(self.mesh)),
+                              batch(2), batch(2), batch(1), mesh_lib.replicated(self.mesh)),
                 out_shardings=(batch(2), batch(2), batch(1), batch(1)),
             )
         return self._compiled[key]
@@ -314,6 +313,9 @@ class Sampler:
         stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
     ) -> SampleOutput:
         """Sample up to `max_new_tokens` (one value, or one per row) after each prompt.
+
+        `key`: one key, row i drawing from `fold_in(key, i)`, or one key per row (a server's requests,
+        each with its own seed).
 
         `stop_tokens` is one list for every row, or one list per row. `params` may lie on another mesh
         (RL's training mesh beside `rl.rollout_mesh`): they are copied onto this sampler's first, which
@@ -357,8 +359,14 @@ class Sampler:
             seen = np.zeros((rows, self.cfg.vocab_size), bool)
             for i, p in enumerate(prompts):
                 seen[i, np.asarray(p)] = True
+        if key.ndim == 0:
+            row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(rows))
+        elif key.shape == (n,):
+            row_keys = jnp.concatenate([key, jnp.broadcast_to(key[:1], (rows - n,))]) if rows > n else key
+        else:
+            raise UserError(f"sampler: {key.shape[0]} keys for {n} prompts")
         fn = self._fn(params, sampling, new_slots)
-        out = jax.device_get(fn(params, tokens, positions, source, max_new, stop, seen, key, prefix))
+        out = jax.device_get(fn(params, tokens, positions, source, max_new, stop, seen, row_keys, prefix))
         out_tokens, out_logp, lengths, stopped = (np.asarray(x) for x in out)
         return SampleOutput(
             tokens=[out_tokens[i, :lengths[i]] for i in range(n)],

@@ -110,3 +110,54 @@ class Scorer:
         top = len(score_ids) - 1
         n = len(prompts)
         return np.asarray(expected)[:n] / top, np.asarray(mass)[:n], np.asarray(probs)[:n]
+
+
+def _alternatives(params, tokens, positions, *, cfg, prompt_len: int, k: int):
+    """For each completion column, the log-probability of its token and the `k` likeliest tokens with
+    theirs, under the model's own distribution (temperature 1), from one pass over prompt + completion."""
+    logits, _ = forward(params, tokens, positions, cfg=cfg, logits_from=prompt_len - 1, logits_to=-1)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, prompt_len:, None], axis=-1)[..., 0]
+    top_logp, top_ids = jax.lax.top_k(logp, k)
+    return chosen, top_logp, top_ids
+
+
+class TokenAlternatives:
+    """Log-probabilities of sampled tokens and their likeliest alternatives (OpenAI's `logprobs` and
+    `top_logprobs`), recomputed by one forward pass over each prompt and its completion."""
+
+    ROWS = 8  # rows per pass: its logits are rows x completion length x vocabulary floats
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, k: int, pad_id: int = 0):
+        self.cfg, self.mesh, self.k, self.pad_id = cfg, mesh, k, pad_id
+        self._fns = {}
+
+    def _fn(self, params, prompt_len: int):
+        if prompt_len not in self._fns:
+            batch = lambda rank: mesh_lib.batch_sharding(self.mesh, rank)  # noqa: E731
+            self._fns[prompt_len] = jax.jit(
+                functools.partial(_alternatives, cfg=self.cfg, prompt_len=prompt_len, k=self.k),
+                in_shardings=(mesh_lib.param_shardings(params, self.mesh), batch(2), batch(2)),
+                out_shardings=(batch(2), batch(3), batch(3)))
+        return self._fns[prompt_len]
+
+    def __call__(self, params, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]):
+        """Per row: (chosen [n], top log-probs [n, k], top ids [n, k]) for its n completion tokens."""
+        from dalign_jax.engine.sampler import NEW_TOKEN_BUCKETS
+
+        results = []
+        for start in range(0, len(prompts), self.ROWS):
+            rows_p, rows_c = prompts[start:start + self.ROWS], completions[start:start + self.ROWS]
+            prompt_len = bucket(max(len(p) for p in rows_p), PROMPT_BUCKETS, "prompt length")
+            new_len = bucket(max(1, max(len(c) for c in rows_c)), NEW_TOKEN_BUCKETS, "completion length")
+            rows = batch_bucket(len(rows_p), self.mesh)
+            tokens, positions = left_pad(rows_p, prompt_len, rows, self.pad_id)
+            tokens = np.concatenate([tokens, np.full((rows, new_len), self.pad_id, np.int32)], axis=1)
+            positions = np.concatenate([positions, np.full((rows, new_len), -1, np.int32)], axis=1)
+            for i, (p, c) in enumerate(zip(rows_p, rows_c)):
+                tokens[i, prompt_len:prompt_len + len(c)] = c
+                positions[i, prompt_len:prompt_len + len(c)] = len(p) + np.arange(len(c))
+            chosen, top_logp, top_ids = jax.device_get(self._fn(params, prompt_len)(params, tokens, positions))
+            results += [(np.asarray(chosen[i, :len(c)]), np.asarray(top_logp[i, :len(c)]),
+                         np.asarray(top_ids[i, :len(c)])) for i, c in enumerate(rows_c)]
+        return results
