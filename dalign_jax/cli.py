@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", help="require this bearer key (default: $DALIGN_API_KEY, else none)")
     srv.add_argument("--served-model-name", help="the name clients ask for (default: the model's id)")
     srv.add_argument("--max-batch", type=int, default=64, help="rows decoded together at most")
-    srv.add_argument("--batch-window-ms", type=float, default=5.0,
-                     help="how long the first request of a batch waits for others")
+    srv.add_argument("--batch-window-ms", type=float, default=20.0,
+                     help="a batch takes requests until none has come for this long (at most ten times it)")
     srv.add_argument("--max-logprobs", type=int, default=20, help="the largest top_logprobs a request may ask")
     srv.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes; -1 takes the remaining devices")
     srv.set_defaults(func=cmd_serve)

@@ -1,9 +1,9 @@
 """`dalign serve`: an OpenAI-compatible chat server over the compiled sampler (FastAPI and uvicorn).
 
-Requests wait in a queue; one thread takes what has arrived within `batch_window_s` of the first,
-with the same sampling settings, up to `max_batch` rows, and decodes it as one batch. A request that
-arrives while a batch decodes joins the next, so it waits at most one batch's decoding (its longest
-`max_tokens` steps) plus the window. Every row draws from its own request's seed, so an answer does
+Requests wait in a queue; one thread takes them as they come until none has come for
+`batch_window_s` (at most ten windows), those with the first one's sampling settings up to `max_batch`
+rows, and decodes them as one batch. A request that arrives while a batch decodes joins the next, so
+it waits at most one batch's decoding (its longest `max_tokens` steps) plus ten windows. Every row draws from its own request's seed, so an answer does
 not depend on what it was batched with. A shared prefix (a spec) is computed once and cached, as the
 sampler does for every stage. `stream` sends server-sent events once the batch is decoded.
 """
@@ -50,6 +50,7 @@ class Work:
     seed: int
     top_logprobs: int | None  # None: no logprobs asked
     stop: list[str]
+    ignore_eos: bool
     future: concurrent.futures.Future
 
 
@@ -64,7 +65,7 @@ class Choice:
 class ServeEngine:
     """The model, its sampler and the batching thread."""
 
-    def __init__(self, model, mesh, *, max_batch: int = 64, batch_window_s: float = 0.005, max_logprobs: int = 20):
+    def __init__(self, model, mesh, *, max_batch: int = 64, batch_window_s: float = 0.02, max_logprobs: int = 20):
         from dalign_jax.engine.scorer import TokenAlternatives
         from dalign_jax.parallel.mesh import shard_params
 
@@ -77,8 +78,7 @@ class ServeEngine:
         self.alternatives = TokenAlternatives(model.cfg, mesh, max(1, min(max_logprobs, model.cfg.vocab_size)), pad)
         self.stops = stop_token_ids(model)
         self.queue: queue.Queue[Work] = queue.Queue()
-        self.batches = 0  # decoded batches, and the rows in them (for a benchmark's report)
-        self.rows = 0
+        self.stats = {"batches": 0, "rows": 0, "decode_s": 0.0}  # reported by GET /health
         threading.Thread(target=self._loop, name="dalign-batcher", daemon=True).start()
 
     def submit(self, work: Work) -> concurrent.futures.Future:
@@ -90,12 +90,16 @@ class ServeEngine:
         while True:
             if not waiting:
                 waiting.append(self.queue.get())
-            deadline = time.monotonic() + self.batch_window_s
-            while True:  # gather what arrives within the window
+            # Gather until no request has come for a window (at most ten windows): clients that
+            # resend as soon as the last batch answers them arrive over some milliseconds, not at once.
+            start = time.monotonic()
+            deadline = start + self.batch_window_s
+            while sum(w.n for w in waiting) < self.max_batch:
                 try:
                     waiting.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+                deadline = min(time.monotonic() + self.batch_window_s, start + 10 * self.batch_window_s)
             batch, rows, rest = [], 0, []
             for work in waiting:
                 if work.sampling == waiting[0].sampling and (not batch or rows + work.n <= self.max_batch):
@@ -117,9 +121,12 @@ class ServeEngine:
         prompts = [w.prompt for w in batch for _ in range(w.n)]
         limits = [w.max_tokens for w in batch for _ in range(w.n)]
         keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(w.seed), j) for w in batch for j in range(w.n)])
-        out = self.sampler.generate(self.params, prompts, limits, keys, batch[0].sampling, self.stops)
-        self.batches += 1
-        self.rows += len(prompts)
+        stops = [[] if w.ignore_eos else self.stops for w in batch for _ in range(w.n)]
+        start = time.perf_counter()
+        out = self.sampler.generate(self.params, prompts, limits, keys, batch[0].sampling, stops)
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(prompts)
+        self.stats["decode_s"] += time.perf_counter() - start
         wanted = [i for i, w in enumerate(w for w in batch for _ in range(w.n)) if w.top_logprobs is not None]
         alternatives = dict(zip(wanted, self.alternatives(self.params, [prompts[i] for i in wanted],
                                                           [out.tokens[i].tolist() for i in wanted])))
@@ -227,6 +234,7 @@ def parse_request(engine: ServeEngine, served: str, body) -> tuple[Work, dict]:
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "stop: expected a string or a list of at most 4 non-empty strings", "stop")
     stream = _flag(body, "stream", False)
+    ignore_eos = _flag(body, "ignore_eos", False)  # vLLM's: decode max_tokens whatever the model writes
     continue_final = _flag(body, "continue_final_message", False)
     generation_prompt = _flag(body, "add_generation_prompt", not continue_final)
     tok = engine.tokenizer
@@ -252,7 +260,7 @@ def parse_request(engine: ServeEngine, served: str, body) -> tuple[Work, dict]:
         raise ApiError(400, str(e)) from None
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "big") >> 1
-    work = Work(prompt, n, sampling, max_tokens, seed, top_logprobs if logprobs else None, stop,
+    work = Work(prompt, n, sampling, max_tokens, seed, top_logprobs if logprobs else None, stop, ignore_eos,
                 concurrent.futures.Future())
     options = {"stream": stream, "usage_in_stream": isinstance(body.get("stream_options"), dict)
                and bool(body["stream_options"].get("include_usage"))}
@@ -355,6 +363,6 @@ def create_app(engine: ServeEngine, served: str, api_key: str | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", **engine.stats}
 
     return app
