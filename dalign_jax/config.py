@@ -20,23 +20,10 @@ from typing import Literal, Optional, Union
 
 import yaml
 
+from dalign_jax.engine.remote import Endpoint
+from dalign_jax.model.projections import LORA_TARGETS
 from dalign_jax.errors import UserError
 from dalign_jax.userfiles import load_yaml, read_text
-
-
-@dataclasses.dataclass
-class Endpoint:
-    """A model behind an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, `dalign serve`)."""
-    endpoint: str = ""  # the API's base URL, e.g. http://127.0.0.1:8000/v1
-    model: str = ""  # the served model's name; "": the first the server lists
-    api_key_env: str = ""  # environment variable holding the API key; "": none sent
-    max_concurrency: int = 16  # requests in flight at once
-    timeout_s: float = 600.0  # per request
-    retries: int = 4  # further tries after a connection error, 429 or 5xx, with exponential backoff
-    # Judge score mode: the start of the judge's reply, which the server continues (vLLM's and our
-    # `continue_final_message`); "": no prefill, for servers without it, the first token is the score.
-    prefill: str = "Score:"
-    top_logprobs: int = 20  # judge score mode: the alternatives asked for at the score token
 
 
 ModelRef = Union[str, Endpoint]
@@ -152,9 +139,6 @@ class Judge:
     require_expected_mode: bool = False
     batch_size: int = 8
     max_new_tokens: int = 48  # generate mode only
-
-
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the projections LoRA can adapt
 
 
 @dataclasses.dataclass

@@ -11,8 +11,8 @@ import re
 import jax
 import numpy as np
 
-from dalign_jax.config import Config, Endpoint
 from dalign_jax.data.spec import Spec
+from dalign_jax.engine.remote import Endpoint
 from dalign_jax.errors import UserError
 
 SCORE_PREFILL = "Score:"
@@ -52,7 +52,7 @@ def judge_messages(spec: Spec, category: str, conversation: list[dict], answer: 
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
-def open_judge(config: Config, mesh) -> "JudgeEngine | RemoteJudge":
+def open_judge(config, mesh) -> "JudgeEngine | RemoteJudge":
     """The judge `config.models.judge` names: a local model on `mesh`, or an endpoint."""
     if isinstance(config.models.judge, Endpoint):
         return RemoteJudge(config, config.models.judge)
@@ -62,7 +62,7 @@ def open_judge(config: Config, mesh) -> "JudgeEngine | RemoteJudge":
 class JudgeEngine:
     """Scores judge conversations with a local judge model, by forward pass or by generation."""
 
-    def __init__(self, config: Config, mesh):
+    def __init__(self, config, mesh):
         from dalign_jax.engine.sampler import Sampler
         from dalign_jax.engine.scorer import Scorer, score_tokens
         from dalign_jax.model.loader import load_model
@@ -149,7 +149,7 @@ class RemoteJudge:
     `top_logprobs` of the first token it writes (after `prefill`, which the server continues), renormalised
     over the digits of the scale; generate mode parses "Score: N" from a greedy reply."""
 
-    def __init__(self, config: Config, endpoint: Endpoint):
+    def __init__(self, config, endpoint: Endpoint):
         from dalign_jax.engine.remote import RemoteModel
 
         self.mode = config.judge.mode

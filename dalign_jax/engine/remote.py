@@ -7,12 +7,27 @@ naming the URL, so a stage stops with `dalign: error:` and keeps the shards it h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 from typing import Any
 
-from dalign_jax.config import Endpoint
 from dalign_jax.errors import UserError
+
+@dataclasses.dataclass
+class Endpoint:
+    """A model behind an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, `dalign serve`)."""
+    endpoint: str = ""  # the API's base URL, e.g. http://127.0.0.1:8000/v1
+    model: str = ""  # the served model's name; "": the first the server lists
+    api_key_env: str = ""  # environment variable holding the API key; "": none sent
+    max_concurrency: int = 16  # requests in flight at once
+    timeout_s: float = 600.0  # per request
+    retries: int = 4  # further tries after a connection error, 429 or 5xx, with exponential backoff
+    # Judge score mode: the start of the judge's reply, which the server continues (vLLM's and our
+    # `continue_final_message`); "": no prefill, for servers without it, the first token is the score.
+    prefill: str = "Score:"
+    top_logprobs: int = 20  # judge score mode: the alternatives asked for at the score token
+
 
 BACKOFF_S = 0.5  # the first wait; it doubles with each further try
 

@@ -120,7 +120,8 @@ class ServeEngine:
     def _decode(self, batch: list[Work]) -> list[list[Choice]]:
         prompts = [w.prompt for w in batch for _ in range(w.n)]
         limits = [w.max_tokens for w in batch for _ in range(w.n)]
-        keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(w.seed), j) for w in batch for j in range(w.n)])
+        keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(w.seed % (1 << 32)), j)
+                                for w in batch for j in range(w.n)])
         stops = [[] if w.ignore_eos else self.stops for w in batch for _ in range(w.n)]
         start = time.perf_counter()
         out = self.sampler.generate(self.params, prompts, limits, keys, batch[0].sampling, stops)
@@ -224,7 +225,7 @@ def parse_request(engine: ServeEngine, served: str, body) -> tuple[Work, dict]:
     penalty = _number(body, "repetition_penalty", 1.0, 0.0, None, open_low=True)
     limit_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, limit_key, DEFAULT_MAX_TOKENS, 1, NEW_TOKEN_BUCKETS[-1], integer=True)
-    seed = _number(body, "seed", None, None, None, integer=True)
+    seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
     logprobs = _flag(body, "logprobs", False)
     top_logprobs = _number(body, "top_logprobs", 0 if logprobs else None, 0, engine.max_logprobs, integer=True)
     if top_logprobs and not logprobs:

@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dalign_jax.config import LORA_TARGETS, Train
+from dalign_jax.model.projections import LORA_TARGETS
 from dalign_jax.parallel.mesh import param_shardings, shard_params
 
 
@@ -30,8 +30,9 @@ class LoraConfig:
         return self.alpha / self.rank
 
     @classmethod
-    def from_train(cls, train: Train) -> "LoraConfig | None":
-        """None for full fine-tuning (`lora_rank` 0); the config checked the targets."""
+    def from_train(cls, train) -> "LoraConfig | None":
+        """From a config's `Train` section; None for full fine-tuning (`lora_rank` 0). The config
+        checked the targets."""
         if train.lora_rank == 0:
             return None
         return cls(train.lora_rank, train.lora_alpha, tuple(t for t in LORA_TARGETS if t in train.lora_targets))
