@@ -543,6 +543,11 @@ def _check_ranges(config: Config, source: str) -> None:
                 raise UserError(f"{source}: config key {key}.{mode}: must be at least 1, got {count!r}")
     _check_numbers(config, "", source)
     _check_endpoints(config, source)
+    # Train keys only SFT acts on: RL logs every step and reports no MFU.
+    for key, ignored in (("log_every", 1), ("peak_flops", 0.0)):
+        if getattr(config.rl.train, key) != ignored:
+            raise UserError(f"{source}: config key rl.train.{key}: RL does not use it (it logs every step and "
+                            f"reports no MFU); the key acts in sft.train only")
 
 
 # Distill keys that steer a teacher token by token (a second sampling pass after text we write): an

@@ -146,3 +146,13 @@ def test_generation_config_names_stop_tokens_and_survives_export(tiny_chat_model
     (tiny_chat_model / "generation_config.json").write_text("{not json")
     with pytest.raises(UserError, match="generation_config.json"):
         load_model(str(tiny_chat_model))
+
+
+@pytest.mark.parametrize("key, value", [("rl.train.log_every", 5), ("rl.train.peak_flops", 1e12)])
+def test_train_keys_rl_ignores_are_refused(key, value):
+    from dalign_jax.config import load_config
+    from dalign_jax.errors import UserError
+
+    with pytest.raises(UserError, match=f"config key {key}: RL does not use it"):
+        load_config(None, [f"{key}={value}"])
+    load_config(None, [f"sft.train.{key.split('.')[-1]}={value}"])  # SFT acts on it

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +211,19 @@ def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams,
     return token.astype(jnp.int32), token_logp
 
 
+class DecodeState(NamedTuple):
+    """What the decode loop carries from one step to the next."""
+    step: jax.Array  # int32 scalar: decode steps taken
+    cache: KVCache
+    last_logits: jax.Array  # [rows, vocab]: the distribution the next token is drawn from
+    position: jax.Array  # [rows]: the next token's position
+    tokens: jax.Array  # [rows, new_slots]: sampled so far (pad after a row ends)
+    logprobs: jax.Array  # [rows, new_slots]
+    done: jax.Array  # [rows] bool
+    lengths: jax.Array  # [rows]: tokens sampled
+    seen: jax.Array  # [rows, vocab] (or [rows, 1] without a repetition penalty)
+
+
 def _generate(params, tokens, positions, source, max_new, stop, seen, row_keys, prefix, *, cfg: ModelConfig,
               sampling: SamplingParams, new_slots: int, pad_id: int, batch_shards: int, on_trace):
     """`tokens`, `positions`: the distinct prompts. `source` [rows] (or None: one row per prompt) says
@@ -230,38 +243,40 @@ def _generate(params, tokens, positions, source, max_new, stop, seen, row_keys, 
     batch = positions.shape[0]
     active = max_new > 0
 
-    def cond(state):
-        step, _, _, _, _, _, done, _, _ = state
-        return (step < new_slots) & ~jnp.all(done)
+    def cond(state: DecodeState):
+        return (state.step < new_slots) & ~jnp.all(state.done)
 
-    def body(state):
-        step, cache, last_logits, pos, out_tokens, out_logp, done, lengths, seen = state
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-        token, logp = select_tokens(last_logits, keys, sampling, seen)
+    def body(state: DecodeState):
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, state.step))(row_keys)
+        token, logp = select_tokens(state.last_logits, keys, sampling, state.seen)
+        seen = state.seen
         if sampling.repetition_penalty != 1.0:
             seen = seen.at[jnp.arange(batch), token].set(True)
+        done = state.done
         token = jnp.where(done, pad_id, token)
-        out_tokens = out_tokens.at[:, step].set(token)
-        out_logp = out_logp.at[:, step].set(jnp.where(done, 0.0, logp))
-        lengths = lengths + (~done).astype(jnp.int32)
+        out_tokens = state.tokens.at[:, state.step].set(token)
+        out_logp = state.logprobs.at[:, state.step].set(jnp.where(done, 0.0, logp))
+        lengths = state.lengths + (~done).astype(jnp.int32)
         hit_stop = jnp.any(token[:, None] == stop, axis=-1) & ~done
         done = done | hit_stop | (lengths >= max_new)
-        step_pos = jnp.where(done, -1, pos)[:, None]
-        logits, cache = forward(params, token[:, None], step_pos, cache, cfg=cfg)
-        return step + 1, cache, logits[:, -1], pos + 1, out_tokens, out_logp, done, lengths, seen
+        step_pos = jnp.where(done, -1, state.position)[:, None]
+        logits, cache = forward(params, token[:, None], step_pos, state.cache, cfg=cfg)
+        return DecodeState(state.step + 1, cache, logits[:, -1], state.position + 1, out_tokens, out_logp, done,
+                           lengths, seen)
 
-    state = (
-        jnp.zeros((), jnp.int32),
-        cache,
-        logits[:, -1],
-        positions[:, -1] + 1,
-        jnp.full((batch, new_slots), pad_id, jnp.int32),
-        jnp.zeros((batch, new_slots), jnp.float32),
-        ~active,
-        jnp.zeros((batch,), jnp.int32),
-        seen,
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        last_logits=logits[:, -1],
+        position=positions[:, -1] + 1,
+        tokens=jnp.full((batch, new_slots), pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, new_slots), jnp.float32),
+        done=~active,
+        lengths=jnp.zeros((batch,), jnp.int32),
+        seen=seen,
     )
-    _, _, _, _, out_tokens, out_logp, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+    final = jax.lax.while_loop(cond, body, state)
+    out_tokens, out_logp, lengths = final.tokens, final.logprobs, final.lengths
     stopped = jnp.any(
         (jnp.take_along_axis(out_tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1) == stop) & (lengths > 0)[:, None],
         axis=-1,
