@@ -55,3 +55,57 @@ def test_no_stage_imports_another():
     # The pipeline runs the stages in order; every other stage stands on its own.
     offenders = {m: sorted(graph[m] & stages) for m in stages if m != "dalign_jax.stages.pipeline" and graph[m] & stages}
     assert not offenders, offenders
+
+
+def config_keys(cls, prefix: str = "") -> set[str]:
+    """Every dotted key of the typed config (an endpoint's fields under models.<role>)."""
+    import dataclasses
+    import typing
+
+    from dalign_jax.engine.remote import Endpoint
+
+    keys = set()
+    for field in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[field.name]
+        sections = [h for h in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(h)]
+        key = f"{prefix}{field.name}"
+        if sections and sections[0] is not Endpoint:
+            keys |= config_keys(sections[0], key + ".")
+            continue
+        keys.add(key)
+        if sections:
+            keys |= {f"{key}.{f.name}" for f in dataclasses.fields(Endpoint)}
+    return keys
+
+
+def documented_keys(text: str) -> set[str]:
+    """The keys the first column of docs/configuration.md's table names: `a.b`, `.c` (a sibling of the
+    cell's first key), `*.train.x` (sft and rl), `models.<role>.x` (teacher and judge)."""
+    import re
+
+    keys = set()
+    for line in text.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names = re.findall(r"`([^`]+)`", line.split("|")[1])
+        parent = names[0].rsplit(".", 1)[0] + "." if "." in names[0] else ""
+        for name in names:
+            if name.endswith(".*"):  # a heading row for a section's keys
+                continue
+            name = parent + name[1:] if name.startswith(".") else name
+            for part, options in (("*", ("sft", "rl")), ("<role>", ("teacher", "judge"))):
+                if part in name:
+                    keys |= {name.replace(part, o) for o in options}
+                    break
+            else:
+                keys.add(name)
+    return keys
+
+
+def test_configuration_doc_names_every_key_and_no_other():
+    from dalign_jax.config import Config
+
+    code = config_keys(Config)
+    doc = documented_keys((PACKAGE.parent / "docs" / "configuration.md").read_text())
+    assert not code - doc, f"keys missing from docs/configuration.md: {sorted(code - doc)}"
+    assert not doc - code, f"docs/configuration.md names keys the config does not have: {sorted(doc - code)}"
