@@ -13,7 +13,7 @@ from dalign_jax.engine.scorer import Scorer
 from dalign_jax.model.loader import load_model
 from dalign_jax.model.transformer import forward
 from dalign_jax.parallel.mesh import make_mesh
-from dalign_jax.train.step import token_logprobs
+from dalign_jax.model.transformer import token_logprobs
 
 PREFIX = list(np.random.default_rng(0).integers(1, 250, 40))
 SUFFIXES = [[7, 8, 9], [100, 3, 3, 3, 3, 3, 5], [42], [17, 2]]

@@ -227,3 +227,25 @@ def test_report_has_a_pareto_plot_per_set_with_both_kinds_of_prompt():
     assert all(data[:4] == b"\x89PNG" for data in images.values())
     titles = [title for title, _, _ in metric_tables(metrics)]
     assert titles == ["harmbench, rule grader", "harmbench, rubric grader", "heldout, rule grader", "xstest, rule grader"]
+
+
+def test_report_warns_instead_of_showing_a_grader_or_reward_that_gives_everything_alike():
+    from dalign_jax.stages.report import metric_tables, reward_warnings
+
+    point = lambda x, y: {"not_overrefuse": {"value": x, "n": 3}, "not_unsafe": {"value": y, "n": 3}}  # noqa: E731
+    metrics = {c: {"heldout": {"rule": point(0.9, v), "judge": point(1.0, 1.0)}} for c, v in (("base", 0.2), ("sft", 0.6))}
+    warnings = []
+    titles = [title for title, _, _ in metric_tables(metrics, warnings)]
+    assert titles == ["heldout, rule grader"]
+    assert warnings == ["heldout, judge grader: 1.00 on every decision metric for every checkpoint; it grades every "
+                        "answer alike here, so its figures are not shown"]
+    metrics["sft"]["heldout"]["judge"] = point(1.0, 0.5)  # the judge tells the checkpoints apart: shown
+    assert [t for t, _, _ in metric_tables(metrics, [])] == ["heldout, rule grader", "heldout, judge grader"]
+
+    constant = [{"step": s, "reward": -1.0, "reward_judge": None, "zero_std_groups": 1.0} for s in (1, 2)]
+    assert reward_warnings(constant) == [
+        "rl: reward was -1 at every one of 2 steps",
+        "rl: at every step every group's rewards were equal, so no completion had an advantage and the policy "
+        "learned nothing from them"]
+    varied = [{"step": 1, "reward": 0.4, "zero_std_groups": 0.5}, {"step": 2, "reward": 0.6, "zero_std_groups": 1.0}]
+    assert reward_warnings(varied) == []

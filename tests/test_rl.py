@@ -221,7 +221,7 @@ def test_update_leaves_the_reference_untouched_and_the_gap_is_zero(tiny_chat_mod
                                 kl_coef=0.1, aggregation="token_mean", max_tokens=8)
     state, sharding = init_state(model.params, optimizer, mesh)
     step = compile_train_step(loss_fn, optimizer, learning_rate_schedule(train, 3), sharding, mesh)
-    from dalign_jax.train.step import token_logprobs
+    from dalign_jax.model.transformer import token_logprobs
 
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(1, 200, 6)) for _ in range(4)]

@@ -481,6 +481,33 @@ def forward(
     return logits, new_cache
 
 
+def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False,
+                   temperature: float = 1.0, segments=None, targets_from: int = 1, with_entropy: bool = False,
+                   embed_noise=None):
+    """log p(tokens[:, t] | tokens[:, :t]) for every t from `targets_from` on: [batch, time - targets_from],
+    float32, under the distribution with the logits divided by `temperature` (RL scores what the sampler
+    drew from). Only the columns that predict those targets are projected onto the vocabulary.
+
+    Master weights stay float32; with a lower compute dtype they are cast inside the step, so their
+    gradients come back in float32. `segments`: rows packed with several sequences (see `forward`).
+    `with_entropy`: also each column's entropy of that distribution, as a metric (no gradient).
+    `embed_noise`: added to the input embeddings (NEFTune; see `neftune_noise`)."""
+    if compute_dtype != jnp.float32:
+        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+    logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat, segments=segments,
+                        logits_from=targets_from - 1, logits_to=-1, embed_noise=embed_noise)
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = tokens[:, targets_from:]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    if not with_entropy:
+        return picked - log_norm
+    fixed, fixed_norm = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(log_norm)
+    entropy = fixed_norm - (jnp.exp(fixed - fixed_norm[..., None]) * fixed).sum(axis=-1)
+    return picked - log_norm, entropy
+
+
 def prefill_prefix(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: ModelConfig):
     """(k, v, positions) of one shared prefix [1, length], to pass to `KVCache.empty(prefix=...)`."""
     empty = KVCache.empty(cfg, 1, tokens.shape[1], dtype=params["embed"].dtype)

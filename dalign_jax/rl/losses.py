@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from dalign_jax.model.config import ModelConfig
 from dalign_jax.registry import registrar
-from dalign_jax.train.step import token_logprobs
+from dalign_jax.model.transformer import token_logprobs
 
 
 def clipped_policy_loss(log_ratio, advantages, clip_low: float, clip_high: float):

@@ -24,20 +24,49 @@ def _cell(m: dict | None) -> str:
     return f"{m['value']:.2f}{ci} (n={m['n']})"
 
 
-def metric_tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) per prompt set and grader."""
+DECISION_METRICS = ("not_unsafe", "not_overrefuse", "goodness_at_0.1", "goodness")
+
+
+def metric_tables(metrics: dict, warnings: list[str] | None = None) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) per prompt set and grader. A model grader that gave every checkpoint the
+    same extreme on every decision metric (the judge calling every answer good) tells nothing: its
+    table is left out and a line added to `warnings` instead."""
     sets = sorted({s for per_set in metrics.values() for s in per_set})
     tables = []
     for name in sets:
         for grader in ("rule", "judge", "rubric"):
-            rows = []
+            rows, values = [], set()
             for checkpoint, per_set in metrics.items():
                 graded = per_set.get(name, {}).get(grader)
                 if graded:
                     rows.append([checkpoint] + [_cell(graded.get(m)) for m in METRICS])
+                    values |= {round(graded[m]["value"], 6) for m in DECISION_METRICS
+                               if (graded.get(m) or {}).get("value") is not None}
+            if rows and grader != "rule" and len(values) == 1 and values <= {0.0, 1.0}:
+                if warnings is not None:
+                    warnings.append(f"{name}, {grader} grader: {values.pop():.2f} on every decision metric for every "
+                                    "checkpoint; it grades every answer alike here, so its figures are not shown")
+                continue
             if rows:
                 tables.append((f"{name}, {grader} grader", ["checkpoint"] + METRICS, rows))
     return tables
+
+
+def reward_warnings(rl_rows: list[dict]) -> list[str]:
+    """Lines for a reward that taught nothing: the same mean at every step, or every group's rewards
+    equal at every step (no advantage anywhere)."""
+    steps = [r for r in rl_rows if "reward" in r]
+    if len(steps) < 2:
+        return []
+    warnings = []
+    for key in ["reward"] + sorted({k for r in steps for k in r if k.startswith("reward_") and k != "reward_s"}):
+        values = {round(r[key], 6) for r in steps if r.get(key) is not None}
+        if len(values) == 1:
+            warnings.append(f"rl: {key} was {values.pop():.4g} at every one of {len(steps)} steps")
+    if all(r.get("zero_std_groups") == 1.0 for r in steps):
+        warnings.append("rl: at every step every group's rewards were equal, so no completion had an advantage "
+                        "and the policy learned nothing from them")
+    return warnings
 
 
 def point_labels(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -186,8 +215,10 @@ def run_report(config: Config, force: bool = False) -> dict:
             facts.append(f"{stage}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in s.items() if k not in ("complete", "export")))
     title = f"Deliberative alignment report: {config.run_dir}"
-    tables = metric_tables(metrics)
+    warnings = reward_warnings(rl_rows)
+    tables = metric_tables(metrics, warnings)
+    facts += [f"warning: {w}" for w in warnings]
     write_atomic(config.run_path / "report.md", render_markdown(title, facts, tables, list(images), shown, last) + "\n")
     write_atomic(config.run_path / "report.html", render_html(title, facts, tables, images, shown, last))
     return {"report": str(config.run_path / "report.md"), "html": str(config.run_path / "report.html"),
-            "plots": [str(config.run_path / n) for n in images], "complete": True}
+            "plots": [str(config.run_path / n) for n in images], "warnings": warnings, "complete": True}

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dalign_jax.model.config import ModelConfig
-from dalign_jax.model.transformer import forward
+from dalign_jax.model.transformer import forward, token_logprobs
 from dalign_jax.parallel.mesh import BATCH_AXES, param_shardings, replicated
 from dalign_jax.train.lora import LoraConfig, merge
 
@@ -28,33 +28,6 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimiser steps taken
     params: dict
     opt_state: optax.OptState
-
-
-def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False,
-                   temperature: float = 1.0, segments=None, targets_from: int = 1, with_entropy: bool = False,
-                   embed_noise=None):
-    """log p(tokens[:, t] | tokens[:, :t]) for every t from `targets_from` on: [batch, time - targets_from],
-    float32, under the distribution with the logits divided by `temperature` (RL scores what the sampler
-    drew from). Only the columns that predict those targets are projected onto the vocabulary.
-
-    Master weights stay float32; with a lower compute dtype they are cast inside the step, so their
-    gradients come back in float32. `segments`: rows packed with several sequences (see `forward`).
-    `with_entropy`: also each column's entropy of that distribution, as a metric (no gradient).
-    `embed_noise`: added to the input embeddings (NEFTune; see `neftune_noise`)."""
-    if compute_dtype != jnp.float32:
-        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-    logits, _ = forward(params, tokens, positions, cfg=cfg, dtype=compute_dtype, remat=remat, segments=segments,
-                        logits_from=targets_from - 1, logits_to=-1, embed_noise=embed_noise)
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = tokens[:, targets_from:]
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    log_norm = jax.nn.logsumexp(logits, axis=-1)
-    if not with_entropy:
-        return picked - log_norm
-    fixed, fixed_norm = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(log_norm)
-    entropy = fixed_norm - (jnp.exp(fixed - fixed_norm[..., None]) * fixed).sum(axis=-1)
-    return picked - log_norm, entropy
 
 
 def neftune_noise(seeds: jax.Array, length: int, hidden: int, alpha: float) -> jax.Array:
