@@ -220,7 +220,7 @@ def test_scorer_is_the_expected_score_under_the_next_token_distribution(tiny_cha
 
 
 def test_judge_engine_batches_by_length_and_returns_scores_in_input_order(mini_run):
-    from dalign_jax.stages.common import open_mesh
+    from dalign_jax.stages.inputs import open_mesh
     from dalign_jax.engine.judge import JudgeEngine
 
     config = load_config(mini_run, ["judge.batch_size=3"])
@@ -257,7 +257,7 @@ def test_prompts_per_category_takes_every_mode_of_each():
     from collections import Counter
 
     from dalign_jax.data.spec import load_spec
-    from dalign_jax.stages.common import open_prompts
+    from dalign_jax.stages.inputs import open_prompts
 
     spec = load_spec("specs")
     everything = open_prompts(load_config(None), spec)
@@ -276,7 +276,7 @@ def test_extra_prompt_sets_are_added_whole_for_training(tmp_path):
 
     from dalign_jax.data.spec import load_spec
     from dalign_jax.errors import UserError
-    from dalign_jax.stages.common import open_prompts
+    from dalign_jax.stages.inputs import open_prompts
 
     spec = load_spec("specs")
     train = open_prompts(load_config(None), spec)

@@ -22,8 +22,9 @@ from dalign_jax.data.prompts import grouped
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler, SamplingParams
-from dalign_jax.stages.common import (check_run_header, ensure_writable, open_mesh, open_model, open_prompts, section,
-                                      write_atomic, write_records, read_jsonl)
+from dalign_jax.data.records import read_jsonl, write_atomic, write_records
+from dalign_jax.stages.inputs import open_mesh, open_model, open_prompts
+from dalign_jax.stages.outputs import check_run_header, ensure_writable, section
 
 
 MODE_HINTS = {"comply": "comply, helping with the request in full", "refuse": "refuse",

@@ -27,7 +27,9 @@ from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.errors import UserError
 from dalign_jax.eval import graders
 from dalign_jax.eval.metrics import goodness_at, mean_of, proportion
-from dalign_jax.stages.common import ensure_writable, jsonl_text, open_mesh, open_model, read_jsonl, write_atomic
+from dalign_jax.data.records import jsonl_text, read_jsonl, write_atomic
+from dalign_jax.stages.inputs import open_mesh, open_model
+from dalign_jax.stages.outputs import ensure_writable
 
 JUDGE_GOOD = 0.5
 

@@ -33,8 +33,9 @@ from dalign_jax.parallel.mesh import batch_size_multiple, shard_params
 from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
-from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, jsonl_text, mesh_from,
-                                      open_mesh, open_model, open_prompts, read_jsonl, section, write_atomic)
+from dalign_jax.data.records import jsonl_text, read_jsonl, write_atomic
+from dalign_jax.stages.inputs import mesh_from, open_mesh, open_model, open_prompts
+from dalign_jax.stages.outputs import check_run_header, ensure_writable, export_trained, section
 from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
 from dalign_jax.train.lora import LoraConfig, Trainable
 from dalign_jax.train.metrics import MetricsLog, as_host

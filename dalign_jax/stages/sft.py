@@ -25,8 +25,9 @@ from dalign_jax.data.sft_data import (ConversationSource, batches, collate, coun
 from dalign_jax.engine.chat import stop_token_ids
 from dalign_jax.errors import UserError
 from dalign_jax.parallel.mesh import batch_size_multiple
-from dalign_jax.stages.common import (check_run_header, ensure_writable, export_trained, open_mesh, open_model, section,
-                                      write_atomic)
+from dalign_jax.data.records import write_atomic
+from dalign_jax.stages.inputs import open_mesh, open_model
+from dalign_jax.stages.outputs import check_run_header, ensure_writable, export_trained, section
 from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
 from dalign_jax.train.lora import LoraConfig, Trainable
 from dalign_jax.train.metrics import MetricsLog, as_host, measure_peak_flops, train_flops_per_token

@@ -59,7 +59,7 @@ class MetricsLog:
     recomputed), in the JSONL and, through `purge_step`, in TensorBoard."""
 
     def __init__(self, directory: Path, resume_step: int, enabled: bool = True):
-        from dalign_jax.stages.common import read_jsonl
+        from dalign_jax.data.records import read_jsonl
 
         self.path = directory / "metrics.jsonl"
         self.enabled = enabled
@@ -71,7 +71,7 @@ class MetricsLog:
             self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step + 1 or None)
 
     def log(self, step: int, values: dict) -> None:
-        from dalign_jax.stages.common import jsonl_text, write_atomic
+        from dalign_jax.data.records import jsonl_text, write_atomic
 
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         self.rows.append(row)

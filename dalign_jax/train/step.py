@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dalign_jax.model.config import ModelConfig
-from dalign_jax.model.transformer import forward, token_logprobs
+from dalign_jax.model.transformer import token_logprobs
 from dalign_jax.parallel.mesh import BATCH_AXES, param_shardings, replicated
 from dalign_jax.train.lora import LoraConfig, merge
 
