@@ -73,8 +73,19 @@ class Prompts:
     extra_per_category: int = 0  # 0: every prompt of each extra set; n: n of each category of each set
 
 
+class Sampled:
+    """A section with the sampling keys (temperature, top_k, top_p, min_p, repetition_penalty)."""
+
+    def sampling_params(self):
+        """The sampler's settings these keys give (checked there: a bad value names its key)."""
+        from dalign_jax.engine.sampler import SamplingParams
+
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty)
+
+
 @dataclasses.dataclass
-class Distill:
+class Distill(Sampled):
     samples_per_prompt: int = 2  # k completions per prompt
     # k by expected mode, e.g. {comply: 1}: where the judge keeps one completion of a prompt, a second
     # is only a spare, and its sampling costs as much as a kept one.
@@ -191,7 +202,7 @@ class SFT:
 
 
 @dataclasses.dataclass
-class RL:
+class RL(Sampled):
     init: str = ""  # the starting policy (and KL reference): "" -> run_dir/sft/export if it exists, else models.policy
     steps: int = 20
     prompts_per_step: int = 2

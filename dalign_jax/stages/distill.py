@@ -21,7 +21,7 @@ from dalign_jax.data.completion import (ANSWER_DELIMITER, COT_PREFIX, DISTILL_IN
 from dalign_jax.data.prompts import grouped
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
-from dalign_jax.engine.sampler import Sampler, SamplingParams
+from dalign_jax.engine.sampler import Sampler
 from dalign_jax.data.records import read_jsonl, write_atomic, write_records
 from dalign_jax.stages.inputs import open_mesh, open_model, open_prompts
 from dalign_jax.stages.outputs import check_run_header, ensure_writable, section
@@ -129,8 +129,7 @@ def _remote_shard_records(config: Config, spec: Spec, teacher, prompts, shard: i
 
 def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, key) -> list[dict]:
     d = config.distill
-    sampling = SamplingParams(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p,
-                              repetition_penalty=d.repetition_penalty)
+    sampling = d.sampling_params()
     stops = stop_token_ids(model)
     # Batches hold one category each, so their inputs share spec(category) as a cached prefix, and
     # up to batch_size x samples_per_prompt rows (more prompts where samples_by_mode asks fewer).

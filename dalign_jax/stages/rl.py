@@ -27,7 +27,7 @@ from dalign_jax.config import Config
 from dalign_jax.data.completion import parse_completion
 from dalign_jax.data.spec import load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
-from dalign_jax.engine.sampler import Sampler, SamplingParams
+from dalign_jax.engine.sampler import Sampler
 from dalign_jax.errors import UserError
 from dalign_jax.parallel.mesh import batch_size_multiple, shard_params
 from dalign_jax.rl.advantages import ADVANTAGES
@@ -105,8 +105,7 @@ class Rollouts:
         self.model = model
         self.group = rl.group_size
         self.max_new = rl.max_new_tokens
-        self.sampling = SamplingParams(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
-                                       min_p=rl.min_p, repetition_penalty=rl.repetition_penalty)
+        self.sampling = rl.sampling_params()
         # Prompts carry no shared spec here, and the parameters change every step: no prefix cache.
         self.sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0, prefix_min_tokens=0)
         self.stops = stop_token_ids(model)
