@@ -155,8 +155,8 @@ def test_rubric_grades_and_goodness_at_0_1():
 
 def test_judge_rates_on_narrow_scales(mini_run):
     from dalign_jax.config import load_config
-    from dalign_jax.stages.inputs import open_mesh
     from dalign_jax.engine.judge import JudgeEngine
+    from dalign_jax.stages.inputs import open_mesh
 
     config = load_config(mini_run, ["mesh.devices=1"])
     engine = JudgeEngine(config, open_mesh(config))

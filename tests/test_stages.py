@@ -13,13 +13,13 @@ import pytest
 
 from dalign_jax.config import load_config
 from dalign_jax.data.spec import load_spec
+from dalign_jax.engine.judge import judge_messages
 from dalign_jax.engine.scorer import Scorer, score_tokens
 from dalign_jax.errors import UserError
 from dalign_jax.model.loader import load_model
 from dalign_jax.model.transformer import forward
 from dalign_jax.parallel.mesh import make_mesh
 from dalign_jax.stages.distill import run_distill
-from dalign_jax.engine.judge import judge_messages
 from dalign_jax.stages.judge import run_judge, select
 
 
@@ -220,8 +220,8 @@ def test_scorer_is_the_expected_score_under_the_next_token_distribution(tiny_cha
 
 
 def test_judge_engine_batches_by_length_and_returns_scores_in_input_order(mini_run):
-    from dalign_jax.stages.inputs import open_mesh
     from dalign_jax.engine.judge import JudgeEngine
+    from dalign_jax.stages.inputs import open_mesh
 
     config = load_config(mini_run, ["judge.batch_size=3"])
     spec = load_spec(config.spec_dir)

@@ -14,6 +14,7 @@ from typing import Any
 
 from dalign_jax.errors import UserError
 
+
 @dataclasses.dataclass
 class Endpoint:
     """A model behind an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, `dalign serve`)."""

@@ -101,21 +101,24 @@ class ServeEngine:
                     break
                 deadline = min(time.monotonic() + self.batch_window_s, start + 10 * self.batch_window_s)
             batch, rows, rest = [], 0, []
-            for work in waiting:
+            for work in (w for w in waiting if not w.future.cancelled()):  # a client that left is not decoded
                 if work.sampling == waiting[0].sampling and (not batch or rows + work.n <= self.max_batch):
                     batch.append(work)
                     rows += work.n
                 else:
                     rest.append(work)
             waiting = rest
+            if not batch:
+                continue
             try:
                 results = self._decode(batch)
             except Exception as e:  # answered as a 500 to every request of the batch
-                for work in batch:
-                    work.future.set_exception(e)
-                continue
-            for work, choices in zip(batch, results):
-                work.future.set_result(choices)
+                results = [e] * len(batch)
+            for work, result in zip(batch, results):
+                try:
+                    (work.future.set_exception if isinstance(result, Exception) else work.future.set_result)(result)
+                except concurrent.futures.InvalidStateError:
+                    pass  # its client left while it decoded
 
     def _decode(self, batch: list[Work]) -> list[list[Choice]]:
         prompts = [w.prompt for w in batch for _ in range(w.n)]
@@ -131,11 +134,11 @@ class ServeEngine:
         wanted = [i for i, w in enumerate(w for w in batch for _ in range(w.n)) if w.top_logprobs is not None]
         alternatives = dict(zip(wanted, self.alternatives(self.params, [prompts[i] for i in wanted],
                                                           [out.tokens[i].tolist() for i in wanted])))
-        results, row = [], 0
+        results, row, content = [], 0, out.content()
         for work in batch:
             choices = []
             for _ in range(work.n):
-                tokens = out.content()[row].tolist()
+                tokens = content[row].tolist()
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 finish = "stop" if out.stopped[row] else "length"
                 cut = min((i for i in (text.find(s) for s in work.stop) if i >= 0), default=-1)

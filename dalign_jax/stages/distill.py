@@ -16,16 +16,21 @@ import jax
 from tqdm import tqdm
 
 from dalign_jax.config import Config, Distill, Endpoint
-from dalign_jax.data.completion import (ANSWER_DELIMITER, COT_PREFIX, DISTILL_INSTRUCTIONS, end_on_decision,
-                                        parse_completion, trim_answer)
+from dalign_jax.data.completion import (
+    ANSWER_DELIMITER,
+    COT_PREFIX,
+    DISTILL_INSTRUCTIONS,
+    end_on_decision,
+    parse_completion,
+    trim_answer,
+)
 from dalign_jax.data.prompts import grouped
+from dalign_jax.data.records import read_jsonl, write_atomic, write_records
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler
-from dalign_jax.data.records import read_jsonl, write_atomic, write_records
 from dalign_jax.stages.inputs import open_mesh, open_model, open_prompts
 from dalign_jax.stages.outputs import check_run_header, ensure_writable, section
-
 
 MODE_HINTS = {"comply": "comply, helping with the request in full", "refuse": "refuse",
               "safe_complete": "give a safe completion"}

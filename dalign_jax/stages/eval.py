@@ -23,11 +23,11 @@ from dalign_jax.config import Config
 from dalign_jax.data import jailbreaks
 from dalign_jax.data.completion import parse_completion
 from dalign_jax.data.prompts import Prompt, load_prompt_set, load_strongreject, mixed, split
+from dalign_jax.data.records import jsonl_text, read_jsonl, write_atomic
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.errors import UserError
 from dalign_jax.eval import graders
 from dalign_jax.eval.metrics import goodness_at, mean_of, proportion
-from dalign_jax.data.records import jsonl_text, read_jsonl, write_atomic
 from dalign_jax.stages.inputs import open_mesh, open_model
 from dalign_jax.stages.outputs import ensure_writable
 
@@ -226,10 +226,10 @@ def made_by(path: Path, model_id: str) -> bool:
 
 
 def run_eval(config: Config, force: bool = False) -> dict:
+    from dalign_jax.engine.judge import open_judge
     from dalign_jax.engine.sampler import Sampler
     from dalign_jax.model.loader import model_id_of
     from dalign_jax.parallel.mesh import shard_params
-    from dalign_jax.engine.judge import open_judge
 
     spec = load_spec(config.spec_dir)
     sets = eval_sets(config, spec)

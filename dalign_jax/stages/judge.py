@@ -15,13 +15,14 @@ from tqdm import tqdm
 
 from dalign_jax.config import Config
 from dalign_jax.data.completion import format_completion
+from dalign_jax.data.records import jsonl_text, read_jsonl, write_atomic, write_records
 from dalign_jax.data.spec import Spec, load_spec
 from dalign_jax.engine.judge import judge_messages, open_judge
 from dalign_jax.errors import UserError
 from dalign_jax.eval.graders import answer_fits_mode
-from dalign_jax.data.records import jsonl_text, read_jsonl, write_atomic, write_records
 from dalign_jax.stages.inputs import open_mesh
 from dalign_jax.stages.outputs import check_run_header, ensure_writable, section
+
 
 def _judge_shard(config: Config, spec: Spec, engine, records: list[dict]) -> list[dict]:
     # Grouped by category, so that each scorer batch shares spec(category) as a cached prefix. With

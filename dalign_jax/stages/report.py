@@ -9,8 +9,8 @@ import html
 import json
 
 from dalign_jax.config import Config
-from dalign_jax.errors import UserError
 from dalign_jax.data.records import read_jsonl, write_atomic
+from dalign_jax.errors import UserError
 
 METRICS = ["not_unsafe", "not_overrefuse", "goodness_at_0.1", "style_adherence", "policy_retrieval",
            "cot_answer_agreement", "citation_validity", "helpfulness", "goodness"]

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from dalign_jax.config import Config
 from dalign_jax.data.completion import parse_completion
+from dalign_jax.data.records import jsonl_text, read_jsonl, write_atomic
 from dalign_jax.data.spec import load_spec
 from dalign_jax.engine.chat import encode_chat, stop_token_ids
 from dalign_jax.engine.sampler import Sampler
@@ -33,7 +34,6 @@ from dalign_jax.parallel.mesh import batch_size_multiple, shard_params
 from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
-from dalign_jax.data.records import jsonl_text, read_jsonl, write_atomic
 from dalign_jax.stages.inputs import mesh_from, open_mesh, open_model, open_prompts
 from dalign_jax.stages.outputs import check_run_header, ensure_writable, export_trained, section
 from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start

@@ -20,20 +20,33 @@ import numpy as np
 from tqdm import tqdm
 
 from dalign_jax.config import Config, Train
-from dalign_jax.data.sft_data import (ConversationSource, batches, collate, count_batches, length_buckets,
-                                      split_indices, tokenize_conversation)
+from dalign_jax.data.records import write_atomic
+from dalign_jax.data.sft_data import (
+    ConversationSource,
+    batches,
+    collate,
+    count_batches,
+    length_buckets,
+    split_indices,
+    tokenize_conversation,
+)
 from dalign_jax.engine.chat import stop_token_ids
 from dalign_jax.errors import UserError
 from dalign_jax.parallel.mesh import batch_size_multiple
-from dalign_jax.data.records import write_atomic
 from dalign_jax.stages.inputs import open_mesh, open_model
 from dalign_jax.stages.outputs import check_run_header, ensure_writable, export_trained, section
 from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
 from dalign_jax.train.lora import LoraConfig, Trainable
 from dalign_jax.train.metrics import MetricsLog, as_host, measure_peak_flops, train_flops_per_token
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
-from dalign_jax.train.step import (COMPUTE_DTYPES, batch_shardings, compile_eval_loss, compile_train_step,
-                                   device_batch, sft_loss)
+from dalign_jax.train.step import (
+    COMPUTE_DTYPES,
+    batch_shardings,
+    compile_eval_loss,
+    compile_train_step,
+    device_batch,
+    sft_loss,
+)
 
 
 def file_digest(path: Path) -> str:
