@@ -1,5 +1,5 @@
-"""A stage's output directory: made writable, guarded by the run header that refuses to resume into
-outputs of other inputs, and the HF export of trained parameters."""
+"""A stage's output directory: made writable, and guarded by the run header that refuses to resume
+into outputs of other inputs."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,19 +48,3 @@ def ensure_writable(directory: Path) -> None:
         raise UserError(f"{directory}: cannot create output directory ({e.strerror})") from None
     if not os.access(directory, os.W_OK):
         raise UserError(f"{directory}: output directory is not writable")
-
-
-
-def export_trained(directory: Path, model, params) -> str | None:
-    """Write trained parameters as a HF directory. Every process must call this: gathering the
-    parameters is a collective on multi-host. Process 0 writes; it alone returns the path."""
-    import jax
-
-    from dalign_jax.model.hf_io import export_hf
-    from dalign_jax.train.step import host_params
-
-    gathered = host_params(params)
-    if jax.process_index() != 0:
-        return None
-    return str(export_hf(directory, model.hf_config, model.cfg, gathered, model.tokenizer,
-                         generation=model.generation))

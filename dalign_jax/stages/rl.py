@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from dalign_jax.config import Config
 from dalign_jax.data.completion import parse_completion
@@ -35,12 +33,11 @@ from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
 from dalign_jax.stages.inputs import mesh_from, open_mesh, open_model, open_prompts
-from dalign_jax.stages.outputs import check_run_header, ensure_writable, export_trained, section
-from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
+from dalign_jax.stages.outputs import check_run_header, ensure_writable, section
+from dalign_jax.train.loop import TrainingRun
 from dalign_jax.train.lora import LoraConfig, Trainable
-from dalign_jax.train.metrics import MetricsLog, as_host
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
-from dalign_jax.train.step import COMPUTE_DTYPES, compile_batch_logprobs, compile_train_step, device_batch
+from dalign_jax.train.step import COMPUTE_DTYPES, compile_batch_logprobs, device_batch
 
 
 def starting_policy(config: Config) -> str:
@@ -164,36 +161,28 @@ def run_rl(config: Config, force: bool = False) -> dict:
         reference = shard_params(policy.params, mesh) if trainable.lora is None else trainable.frozen
         reference_logp = compile_batch_logprobs(policy.cfg, trainable.param_sharding, mesh,
                                                 temperature=rl.temperature, compute_dtype=dtype)
-    checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
-    state, sharding, start, _ = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh,
-                                             train.shard_optimizer)
+    run = TrainingRun("rl", out, trainable, optimizer, schedule, loss_fn, mesh, train, rl.steps)
     if rl.ref_sync_every:
-        if start:
-            reference = checkpoints.restore_extra(start, "reference", jax.tree.map(
+        if run.start:
+            reference = run.checkpoints.restore_extra(run.start, "reference", jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), reference))
         # Not donated: with LoRA the reference starts as the frozen base the adapters are merged into.
         sync_reference = jax.jit(functools.partial(mix_params, mix=rl.ref_sync_mix),
                                  out_shardings=jax.tree.map(lambda x: x.sharding, reference))
-    if jax.process_index() == 0:
-        print(f"rl: {trainable.describe()}", file=sys.stderr, flush=True)  # stdout: the summary JSON
-    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable,
-                                 shard_optimizer=train.shard_optimizer)
     rollout_mesh = mesh if rl.rollout_mesh is None else mesh_from(rl.rollout_mesh, "rl.rollout_mesh")
     sample = Rollouts(config, policy, rollout_mesh)
     order = np.random.default_rng(config.seed).permutation(len(prompts))
-    log = MetricsLog(out, start, enabled=jax.process_index() == 0)
     rollout_rows = read_jsonl(out / "rollouts.jsonl") if (out / "rollouts.jsonl").is_file() else []
-    rollout_rows = [r for r in rollout_rows if r["step"] <= start]
+    rollout_rows = [r for r in rollout_rows if r["step"] <= run.start]
     pad_id = policy.tokenizer.pad_token_id or 0
     prompt_width = max(len(encode_chat(policy.tokenizer, p.chat())) for p in prompts)
 
-    bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="rl", unit="step",
-               disable=jax.process_index() != 0)
+    bar = run.steps_left()
     for step in bar:
         chosen = [prompts[order[(step * rl.prompts_per_step + i) % len(prompts)]] for i in range(rl.prompts_per_step)]
         started = time.perf_counter()
         key = jax.random.fold_in(jax.random.key(config.seed), step)
-        encoded, sampled, rollouts = sample(trainable.full_params(state.params), chosen, key)
+        encoded, sampled, rollouts = sample(run.full_params(), chosen, key)
         sampled_s = time.perf_counter() - started
         rewards, parts = total_rewards(context, rl.rewards, rollouts, rl.malformed_reward)
         counted = np.array([not (rl.mask_truncated and r.status == "truncated") for r in rollouts])
@@ -205,9 +194,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
         if reference is not None:
             batch["ref_logp"] = reference_logp(reference, batch)
         for update in range(rl.updates_per_rollout):
-            state, metrics = step_fn(state, batch)
-            metrics = as_host(metrics)
-            check_finite(metrics, step + 1, checkpoints)
+            metrics = run.update(batch, step)
             if update == 0:  # the sampler's weights: the gap must be near zero here
                 gap = metrics["logprob_gap"]
         metrics["logprob_gap"] = gap
@@ -220,8 +207,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
                        **per_category(rollouts, rewards))
         done = step + 1
         if rl.ref_sync_every and done % rl.ref_sync_every == 0:
-            reference = sync_reference(reference, trainable.full_params(state.params))
-        log.log(done, metrics)
+            reference = sync_reference(reference, run.full_params())
+        run.log.log(done, metrics)
         rollout_rows += [{"step": done, "prompt_id": r.prompt.id, "category": r.prompt.category, "status": r.status,
                           "reward": float(v), "advantage": float(a), "completion": r.text}
                          for r, v, a in zip(rollouts, rewards, advantages)]
@@ -230,13 +217,9 @@ def run_rl(config: Config, force: bool = False) -> dict:
         if done % train.save_every == 0 or done == rl.steps:
             if jax.process_index() == 0:
                 write_atomic(out / "rollouts.jsonl", jsonl_text(rollout_rows))
-            checkpoints.save(done, state, {"step": done}, {"step": done, "steps": rl.steps},
-                             {"reference": reference} if rl.ref_sync_every else None)
-    log.close()
-    checkpoints.close()
-
-    export_dir = export_trained(out / "export", policy, trainable.full_params(state.params))
-    summary = rl_summary(log.rows, rl.steps, export_dir)
+            run.save(done, {"step": done}, {"reference": reference} if rl.ref_sync_every else None)
+    export_dir = run.finish(out / "export", policy)
+    summary = rl_summary(run.log.rows, rl.steps, export_dir)
     if jax.process_index() == 0:
         write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary

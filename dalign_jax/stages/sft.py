@@ -11,13 +11,11 @@ import functools
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from dalign_jax.config import Config, Train
 from dalign_jax.data.records import write_atomic
@@ -34,16 +32,15 @@ from dalign_jax.engine.chat import stop_token_ids
 from dalign_jax.errors import UserError
 from dalign_jax.parallel.mesh import batch_size_multiple
 from dalign_jax.stages.inputs import open_mesh, open_model
-from dalign_jax.stages.outputs import check_run_header, ensure_writable, export_trained, section
-from dalign_jax.train.checkpoint import Checkpointer, check_finite, restore_or_start
+from dalign_jax.stages.outputs import check_run_header, ensure_writable, section
+from dalign_jax.train.loop import TrainingRun
 from dalign_jax.train.lora import LoraConfig, Trainable
-from dalign_jax.train.metrics import MetricsLog, as_host, measure_peak_flops, train_flops_per_token
+from dalign_jax.train.metrics import measure_peak_flops, train_flops_per_token
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
 from dalign_jax.train.step import (
     COMPUTE_DTYPES,
     batch_shardings,
     compile_eval_loss,
-    compile_train_step,
     device_batch,
     sft_loss,
 )
@@ -158,58 +155,43 @@ def run_sft(config: Config, force: bool = False) -> dict:
     optimizer = make_optimizer(train, steps)
     schedule = learning_rate_schedule(train, steps)
     loss_fn = make_loss(model.cfg, train, config.sft.neftune_alpha)
-    checkpoints = Checkpointer(out / "checkpoints", train.keep_checkpoints)
     trainable = Trainable(model.params, LoraConfig.from_train(train), mesh, config.seed)
-    state, sharding, start, data_state = restore_or_start(checkpoints, trainable.take_initial(), optimizer, mesh,
-                                                        train.shard_optimizer)
+    run = TrainingRun("sft", out, trainable, optimizer, schedule, loss_fn, mesh, train, steps)
     del model.params  # the state (or, with LoRA, the frozen base) holds them now
-    if jax.process_index() == 0:
-        print(f"sft: {trainable.describe()}", file=sys.stderr, flush=True)  # stdout: the summary JSON
 
     data = iter(stream)
-    if data_state is not None:
-        data.set_state(data_state)
-
-    step_fn = compile_train_step(loss_fn, optimizer, schedule, sharding, mesh, trainable,
-                                 shard_optimizer=train.shard_optimizer)
+    if run.data_state is not None:
+        data.set_state(run.data_state)
     heldout = HeldoutLoss(source, heldout_idx, model.tokenizer, rows, config.sft.max_seq_len,
                           compile_eval_loss(loss_fn, trainable.param_sharding, mesh), mesh, stops)
-    log = MetricsLog(out, start, enabled=jax.process_index() == 0)
-    if start == 0:
-        log.log(0, {"eval_loss": heldout(trainable.full_params(state.params))})
+    if run.start == 0:
+        run.log.log(0, {"eval_loss": heldout(run.full_params())})
     peak = train.peak_flops or measure_peak_flops(dtype=model.cfg.matmul_dtype)
     flops_per_token = train_flops_per_token(model.cfg)
 
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="sft", unit="step",
-               disable=jax.process_index() != 0)
+    bar = run.steps_left()
     for step in bar:
         local = next(data)
         if config.sft.neftune_alpha:
             local = dict(local, noise_seed=noise_seeds(config.seed, step, rows * accum, len(local["tokens"])))
         batch = device_batch(local, mesh, accum)
         started = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        metrics = as_host(metrics)
+        metrics = run.update(batch, step)
         seconds = time.perf_counter() - started
-        check_finite(metrics, step + 1, checkpoints)
         tokens = int((local["positions"] >= 0).sum()) * jax.process_count()
         metrics.update(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
                        mfu=tokens * flops_per_token / seconds / (peak * mesh.devices.size))
         done = step + 1
         if done % config.sft.eval_every == 0 or done == steps:
-            metrics["eval_loss"] = heldout(trainable.full_params(state.params))
+            metrics["eval_loss"] = heldout(run.full_params())
         if done % train.log_every == 0 or "eval_loss" in metrics:
-            log.log(done, metrics)
+            run.log.log(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}")
         if done % train.save_every == 0 or done == steps:
-            checkpoints.save(done, state, data.get_state(), {"step": done, "steps": steps})
-    log.close()
-    checkpoints.close()
-
-    export_dir = (export_trained(out / "export", model, trainable.full_params(state.params))
-                  if config.sft.export else None)
-    summary = _summary(log.rows, steps, len(train_idx), len(heldout_idx), peak, export_dir)
+            run.save(done, data.get_state())
+    export_dir = run.finish(out / "export" if config.sft.export else None, model)
+    summary = _summary(run.log.rows, steps, len(train_idx), len(heldout_idx), peak, export_dir)
     summary["trainable_params"] = trainable.count
     if jax.process_index() == 0:
         write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
