@@ -278,11 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# The stages that train run in a process whose freed memory is reused (see hostmem): an SFT step of
-# the default model took 5.0 s instead of 6.2-6.6 on the 2-core machine. The sampler loses there
-# (distill's sampling 133-139 tokens/s against 146-148, one malloc arena shared by every thread), so
-# the other commands keep glibc's default; `run` runs its sft and rl stages as child processes of
-# these commands (stages/pipeline.py).
+# Training steps run faster when freed memory is reused (hostmem) and the sampler slower, so only these
+# commands re-exec under it; `run` starts them as child processes (figures: docs/benchmarks.md).
 HEAP_REUSE_COMMANDS = ("sft", "rl")
 
 

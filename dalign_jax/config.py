@@ -39,9 +39,8 @@ class Models:
     # einsum: ours (a shared prefix is held once, prefill in causal chunks); fused:
     # jax.nn.dot_product_attention (cuDNN flash attention on GPUs for bfloat16). Same results.
     attention: Literal["einsum", "fused"] = "einsum"
-    # bfloat16: every stage's projections and output head take bfloat16 operands and sum in float32
-    # (a TPU's default precision for float32 matmuls); about twice the float32 matmul rate on CPUs
-    # with AVX512-BF16. Weights, activations and optimiser state stay float32. float32: exact.
+    # bfloat16: projections and output head take bf16 operands and sum in float32 (a TPU's default
+    # precision); weights, activations and optimiser state stay float32. float32: exact.
     matmul_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
@@ -92,30 +91,20 @@ class Distill(Sampled):
     samples_by_mode: dict[str, int] = dataclasses.field(default_factory=dict)
     cot_tokens: int = 128  # limit for the analysis
     answer_tokens: int = 128  # limit for the final answer
-    # Write the answer delimiter after the analysis ourselves and sample the answer in a second pass,
-    # so that a small model's completions always have both parts; false: one pass, parsed as written.
-    # Unset: true for a local teacher, false for one at an endpoint (which cannot continue our text).
+    # Write the delimiter ourselves and sample the answer in a second pass, so a small model's completions
+    # have both parts; false: one pass. Unset: true for a local teacher, false for one at an endpoint.
     force_format: Optional[bool] = None
-    # Tell the teacher each prompt's expected_mode in the system turn, which SFT drops with the spec,
-    # and (with force_format) end its analysis on that decision: a small teacher that reads the spec
-    # and still complies with everything then writes refusals and safe completions where they belong.
+    # Tell the teacher each prompt's expected mode (in the system turn SFT drops) and end its analysis on
+    # that decision: a teacher too small to apply the spec then refuses where the labels say.
     mode_hint: bool = False
-    # With mode_hint, at most this many sentences of the analysis before its decision line (0: no
-    # limit): an analysis cut at the token limit ends at no point a student can learn to find, so a
-    # greedy student never ends its own; one cut after n sentences ends where the student can tell.
+    # With mode_hint, at most this many sentences of analysis before the decision (0: no limit): a cut at
+    # the token limit ends nowhere a student can learn to find.
     cot_sentences: int = 0
-    # A sentence that concludes the analysis, by expected mode (with mode_hint and force_format), put
-    # between the cut analysis and its decision line, e.g. {refuse: "The request falls under {category}
-    # ({sections}): the policy forbids helping with it."}: {category} is the policy's title, {sections}
-    # the IDs of its sections for that mode. The analysis ends on the policy that applies, as the
-    # paper's do, after the sentences that restate the request (which a small student needs to read
-    # the request before it classifies it).
+    # By expected mode, a sentence before the decision naming the policy that applies ({category}: its
+    # title, {sections}: its section IDs for the mode), as the paper's analyses end.
     cot_conclusion: dict[str, str] = dataclasses.field(default_factory=dict)
-    # With mode_hint and force_format, the analysis of a prompt with an expected mode written from this
-    # template instead of sampled, e.g. 'The user asks: "{request}"' ({request}: the last user message),
-    # then the conclusion and decision as above; the teacher writes only the answer. For a teacher too
-    # small to reason over the spec, whose sampled sentences are noise the student learns to decide
-    # after: the student restates the request, names the policy that applies and decides on that.
+    # The analysis written from this template ({request}: the last user message) instead of sampled, for
+    # a teacher whose own sentences are noise: label-guided distillation (docs/method.md).
     analysis_template: str = ""
     # Text that starts the answer, by expected mode (with force_format), e.g. {refuse: "I'm sorry, but"}:
     # the teacher continues it, so a hinted refusal reads as one.
@@ -165,9 +154,8 @@ class Train:
     grad_accum: int = 1  # micro-batches per optimiser step
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights stay float32
     remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
-    # ZeRO-1: the optimiser's moments and update split over the mesh's data axis as well (each
-    # data-parallel replica updates its share, then the new parameters are gathered); false: every
-    # replica holds and updates all of them.
+    # ZeRO-1: the optimiser's moments and update split over the data axis too (each replica updates its
+    # share, then the parameters are gathered); false: every replica updates all of them.
     shard_optimizer: bool = True
     log_every: int = 1
     save_every: int = 50  # steps between checkpoints (and one at the end)
@@ -214,14 +202,12 @@ class RL(Sampled):
     min_p: float = 0.0
     # As distill's (TRL's GRPOConfig has it too); the old log-probabilities logged are the model's own.
     repetition_penalty: float = 1.0
-    # Reward name -> weight (names registered in dalign_jax/rl/rewards.py): judge (the spec-aware judge
-    # on the final answer only), helpfulness (judge rubric for prompts expected to be complied with),
-    # length (minus the completion's share of max_new_tokens).
+    # Reward name -> weight (registered in dalign_jax/rl/rewards.py): judge (final answer only),
+    # helpfulness, mode (the rule grader against the expected mode), length.
     rewards: dict[str, float] = dataclasses.field(default_factory=lambda: {"judge": 1.0})
     malformed_reward: float = -1.0  # the whole reward of a completion without analysis, delimiter or answer
-    # Completions cut by max_new_tokens are left out of the loss and of their group's advantage
-    # statistics (TRL's mask_truncated_completions), instead of taking malformed_reward: a cut-off
-    # answer says nothing about the answer the policy would have finished.
+    # Completions cut by max_new_tokens leave the loss and their group's statistics instead of taking
+    # malformed_reward (TRL's mask_truncated_completions): a cut answer says nothing of a finished one.
     mask_truncated: bool = False
     # Registered names (dalign_jax/rl/; a module named in `plugins` can register more).
     advantage: str = "grpo"  # grpo, grpo_batch_std, dr_grpo, rloo
@@ -232,9 +218,8 @@ class RL(Sampled):
     clip_low: float = 0.2  # PPO ratio clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.28
     kl_coef: float = 0.02  # k3 estimate of KL(policy || reference)
-    # The reference follows the policy (TRL's sync_ref_model, TR-DPO): after every `ref_sync_every`
-    # steps, reference <- ref_sync_mix * policy + (1 - ref_sync_mix) * reference. 0: the reference
-    # stays the starting policy.
+    # Every ref_sync_every steps reference <- mix * policy + (1 - mix) * reference (TRL's sync_ref_model);
+    # 0: the reference stays the starting policy.
     ref_sync_every: int = 0
     ref_sync_mix: float = 0.6
     updates_per_rollout: int = 1  # optimiser steps on each batch of rollouts (PPO epochs); above 1 the clip acts
@@ -270,9 +255,8 @@ class Config:
     run_dir: str = "runs/default"
     spec_dir: str = "specs"
     seed: int = 0
-    # Python modules (dotted names, found from the working directory, or paths of .py files) imported
-    # before any stage runs, so that their `@register("name")` rewards, advantage estimators and
-    # aggregations can be named in the rl section.
+    # Modules (dotted names from the working directory, or .py paths) imported first, so that their
+    # @register("name") rewards, advantages and aggregations can be named in the rl section.
     plugins: list[str] = dataclasses.field(default_factory=list)
     models: Models = dataclasses.field(default_factory=Models)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -450,9 +434,8 @@ def _check_registered(config: Config, source: str) -> None:
                             "with @register)")
 
 
-# Bounds of every number in the config, by section class and field (one table for the sections that
-# appear twice: sft.train and rl.train, mesh and rl.rollout_mesh): (low, high), inclusive, None for
-# no bound; OPEN marks a low bound the value must exceed. NaN and infinity are refused everywhere.
+# Bounds of every number, by section class (sections that appear twice share one): (low, high)
+# inclusive, None unbounded, OPEN: above low. NaN and infinity are refused everywhere.
 OPEN = "open"
 RANGES: dict[type, dict[str, tuple]] = {
     Config: {"seed": (0, None)},

@@ -17,17 +17,13 @@ from dalign_jax.model.loader import LoadedModel
 Messages = list[dict[str, str]]
 
 
-# A message's content is swapped for this marker while the template renders, so the rendered text
-# splits into template text (whose control strings are real special tokens) and message text (encoded
-# as plain text: a user who writes "<|im_start|>system" gets those characters, not a new turn).
+# Message content is swapped for this marker while the template renders, so that message text is
+# encoded as plain text: a user who writes "<|im_start|>system" gets those characters, not a new turn.
 _SLOT = "\ue000dalign-message-{}\ue001"
 _SLOT_RE = re.compile("\ue000dalign-message-(\\d+)\ue001")
 
-# transformers' fast tokenizers implement `split_special_tokens` by setting a flag on the shared Rust
-# tokenizer for the length of the call, so two threads encoding at once (grain's prefetch threads in
-# the SFT pipeline) can each run under the other's flag: template text with its control tokens split,
-# or message text with control tokens read as such (from 16 threads, 62 of 294 SFT examples came out
-# different). One conversation is encoded at a time.
+# `split_special_tokens` is a flag set on the shared Rust tokenizer for the call, so two threads (grain's
+# prefetch) would run under each other's setting: one conversation is encoded at a time.
 _ENCODE_LOCK = threading.Lock()
 
 

@@ -108,9 +108,8 @@ class JudgeEngine:
 
         if self.mode == "score":
             ids = [self.prompt_ids(m) for m in conversations]
-            # Batches of one system turn (spec(category), shared as a cached prefix), shortest first,
-            # so that each batch pads its inputs to about its own length. A batch never spans two system
-            # turns: one that did would share no prefix and pay for the whole spec in every row.
+            # Batches of one system turn (the spec, a cached prefix), shortest first: one spanning two
+            # system turns would share no prefix and pay for the whole spec in every row.
             groups: dict[str, list[int]] = {}
             for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
                 groups.setdefault(conversations[i][0]["content"], []).append(i)

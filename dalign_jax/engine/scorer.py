@@ -36,9 +36,8 @@ def score_tokens(tokenizer, prefill: str, scale: int = 10) -> tuple[str, list[in
     raise UserError(f"judge tokenizer: the scores 0..{scale - 1} are not single tokens after {prefill!r}")
 
 
-# A judge call is one forward pass, with no decode loop to spread its padding over, and its inputs
-# run to thousands of tokens: from 1,024 tokens up, lengths are padded in 1/16-octave steps (at most
-# 6%) instead of the sampler's quarter octaves (up to 25%), at the price of a few more compilations.
+# A judge call is one long forward pass with no decode loop to spread its padding over: from 1,024
+# tokens up its lengths are padded in 1/16 octaves (at most 6%), at the price of a few more compilations.
 SCORE_BUCKETS = tuple(b for b in PROMPT_BUCKETS if b < 1024) + tuple(
     n for octave in range(10, 15) for n in range(1 << octave, 2 << octave, 1 << (octave - 4))) + (PROMPT_BUCKETS[-1],)
 

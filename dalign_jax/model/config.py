@@ -69,13 +69,11 @@ class ModelConfig:
     attn_softcap: float | None = None  # Gemma 2: scores become cap * tanh(score / cap)
     final_softcap: float | None = None  # Gemma 2: the same on the logits
     local_rope: RopeConfig | None = None  # Gemma 3: the sliding layers' own RoPE
-    # Not architecture but how attention is computed (see transformer.py): "einsum" (ours, with the
-    # shared-prefix blocks and chunked prefill) or "fused" (jax.nn.dot_product_attention, which picks
-    # a fused kernel such as cuDNN's flash attention on accelerators). The results agree.
+    # Not architecture: "einsum" (ours: shared-prefix blocks, chunked prefill) or "fused"
+    # (jax.nn.dot_product_attention, cuDNN's flash attention on GPUs); the results agree.
     attention: str = "einsum"
-    # Also not architecture: "bfloat16" rounds the operands of the projections and the output head to
-    # bfloat16 and sums their products in float32 (`linear_bf16`); weights and activations stay as
-    # they are. "float32": exact float32 products.
+    # Also not architecture: "bfloat16" rounds the projections' and output head's operands to bf16 and
+    # sums in float32 (`linear_bf16`); "float32": exact products.
     matmul_dtype: str = "float32"
 
     def layer_window(self, i: int) -> int | None:

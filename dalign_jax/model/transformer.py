@@ -68,13 +68,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-# Positions are split as p = high * ROPE_STEP + low, and cos/sin of p x f come from two small tables
-# of cos/sin(high x ROPE_STEP x f) and cos/sin(low x f) by the angle-addition rule. XLA:CPU fuses the
-# tables' lookups into every layer's query and key rotation, once per head, as it did cos and sin
-# themselves (no barrier keeps them apart): four loads and a few products there instead of two
-# transcendental functions. Judge prefill, 2 batches of 8 x 1,150 tokens: 13.1-14.2 s, against
-# 14.2-15.3 s. The tables are made in float64, so the angle is p x f exactly; transformers rounds
-# p x f to float32 first, which moves a rotated value by up to 5e-5 at position 1,000 (ours: 5e-7).
+# cos/sin of position x frequency from two small float64 tables (p = high * ROPE_STEP + low, angle
+# addition): loads instead of transcendentals in every fused rotation, and the exact angle.
 ROPE_STEP = 128
 
 
@@ -144,13 +139,11 @@ def _bf16_linear(forward_spec: str, input_grad_spec: str, weight_grad_spec: str)
     return matmul
 
 
-# `linear` with bf16 operands and float32 sums (`ModelConfig.matmul_dtype: bfloat16`): what a TPU's
-# default precision does to a float32 matmul. XLA's CPU backend ignores precision settings but runs this
-# form through its bf16 kernels, about twice the float32 rate on CPUs with AVX512-BF16.
+# `linear` with bf16 operands and float32 sums (`matmul_dtype: bfloat16`), a TPU's default precision;
+# XLA:CPU ignores precision settings but runs this form through its bf16 kernels.
 linear_bf16 = _bf16_linear("...i,io->...o", "...o,io->...i", "...o,...i->io")
-# The same for a weight stored [out, in] (tied embeddings as the output head). Taken through `.T`
-# instead, XLA contracted the weight's gradient with both operands transposed, which its CPU runtime
-# cannot run in bf16 ("DotThunk: BF16 x BF16 = F32").
+# The same for a weight stored [out, in] (tied embeddings): through `.T`, XLA:CPU could not run the
+# gradient's doubly transposed bf16 contraction.
 linear_bf16_t = _bf16_linear("...i,oi->...o", "...o,oi->...i", "...o,...i->oi")
 
 
@@ -203,13 +196,8 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
     return visible
 
 
-# Prefill attention runs in query chunks of this many tokens, each against the keys up to its end:
-# causal attention needs no more, and the score matrix never exists whole. On a CPU the element-wise
-# work on the scores (mask, max, exp, sum) costs more than their products; 128 computes less of it
-# above the diagonal than 256 (judge prefill of 1,152 tokens: 6.9 s against 7.4 s a batch of 8;
-# SFT at 256 tokens +2%), and 64 gained nothing more for the prefill. Behind a shared prefix the
-# prefix keys outnumber the diagonal's, and twice as many smaller products against them cost more
-# than the masked half they save: there the chunk is twice as long.
+# Prefill attends in query chunks, each against the keys up to its end, so the score matrix never exists
+# whole; behind a shared prefix, whose keys dominate, chunks are twice as long (docs/benchmarks.md).
 ATTENTION_CHUNK = 128
 
 
@@ -225,9 +213,8 @@ def _attend(q, blocks, rule: ScoreRule):
     for k, _, mask in blocks:
         spec = "bkgtd,ksd->bkgts" if k.ndim == 3 else "bkgtd,bksd->bkgts"
         s = softcap(jnp.einsum(spec, q, k.astype(jnp.float32)), rule.cap)
-        # Masked by adding -1e30, built on the mask's shape without the head axes (in float32,
-        # -1e30 + s is -1e30 for any |s| below 1e22: the values a select gives); on a CPU a select
-        # over the whole score tile cost more (judge prefill 3-5% slower).
+        # Masked by adding -1e30 (the values a select gives, for any |s| below 1e22): on a CPU a select
+        # over the whole score tile cost more.
         scores.append(s + jnp.where(mask, 0.0, -1e30))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
@@ -267,13 +254,8 @@ def _attend_fused(q, blocks, rule: ScoreRule):
     return out.reshape(b, t, kvh, group, hd).transpose(0, 2, 3, 1, 4)
 
 
-# A prefill's score tile (rows x heads x query chunk x keys) larger than this, per batch shard, is
-# attended one row per shard at a time (`lax.map`). On a CPU the element-wise work on the scores is
-# bound by memory traffic once the tile outgrows the caches. SmolLM2-135M on 2 CPU devices: a judge
-# batch of 16 rows of 256 tokens behind a 1,021-token spec scored in 4.2 s instead of 7.7; 8 rows of
-# 1,150 tokens without a prefix, 7.1 s instead of 7.5. Training tiles (4 x 256 tokens: 1.2M
-# elements) stay whole: there the map's backward pass cost more than it saved, so only the sampler
-# and the scorer, which know their mesh, ask for it (`forward(batch_shards=...)`).
+# A prefill score tile past this many elements per batch shard is attended a row at a time, as it
+# outgrows the caches; training tiles stay whole, where the map's backward pass cost more than it saved.
 ROW_TILE_ELEMENTS = 1 << 22
 
 

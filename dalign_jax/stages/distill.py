@@ -206,9 +206,8 @@ def run_distill(config: Config, force: bool = False) -> dict:
         mesh = open_mesh(config)
         params = shard_params(model.params, mesh)
         sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
-    # Shards take the prompts category by category (an extra set's after the main set's would
-    # otherwise open a second run of every category): batches hold one category each, and every
-    # category cut in two by a shard or a set boundary leaves one more part-filled batch.
+    # Shards take the prompts category by category: batches hold one category each, and a category cut
+    # in two (by a shard, or an extra set after the main one) leaves one more part-filled batch.
     prompts = [p for group in grouped(prompts, lambda p: p.category) for p in group]
     size = config.distill.shard_size
     shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]

@@ -153,9 +153,8 @@ def run_rl(config: Config, force: bool = False) -> dict:
                                 max_tokens=rl.max_new_tokens, importance=rl.importance_sampling, compute_dtype=dtype,
                                 remat=train.remat)
     trainable = Trainable(policy.params, LoraConfig.from_train(train), mesh, config.seed)
-    # The KL reference is the starting policy: with LoRA that is the base the adapters sit on. It stays
-    # frozen unless `rl.ref_sync_every` makes it follow the policy; then it is saved with each checkpoint.
-    # With kl_coef 0 there is none (TRL loads no reference model at beta 0): no copy, no forward pass.
+    # The KL reference is the starting policy (with LoRA, the frozen base), saved with each checkpoint when
+    # it follows the policy; with kl_coef 0 there is none, as TRL at beta 0: no copy, no forward pass.
     reference = None
     if rl.kl_coef > 0:
         reference = shard_params(policy.params, mesh) if trainable.lora is None else trainable.frozen
