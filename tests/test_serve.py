@@ -54,6 +54,14 @@ def start_server(model_dir, port: int, log_path) -> subprocess.Popen:
     raise AssertionError("dalign serve did not come up")
 
 
+def reply(handler: http.server.BaseHTTPRequestHandler, status: int, data: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -236,11 +244,7 @@ class Proxy:
                     status, data = e.code, e.read()
                 except OSError:
                     status, data = 502, b'{"error": {"message": "upstream down"}}'
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                reply(self, status, data)
 
             def do_GET(self):
                 self.forward()
@@ -293,12 +297,7 @@ class Stub:
                 pass
 
             def send(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                reply(self, status, json.dumps(body).encode())
 
             def do_GET(self):
                 self.send(200, {"object": "list", "data": [{"id": SERVED, "object": "model", "created": 0,

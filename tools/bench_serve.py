@@ -18,12 +18,7 @@ import sys
 import time
 import urllib.request
 
-QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about autumn leaves.",
-    "Explain how a rainbow forms, in two sentences.", "Give three tips for learning a new language.",
-    "What is the difference between a list and a tuple in Python?", "Summarise the plot of Romeo and Juliet.",
-    "How do vaccines train the immune system?", "Suggest a name for a friendly robot and say why.",
-]
+from bench_sampler import QUESTIONS, bench_peer as bench_peer_batch  # the same prompts and HF run
 
 
 def free_port() -> int:
@@ -84,18 +79,9 @@ def bench_peer(prompts: list[list[int]], new_tokens: int, batch: int, pad_id: in
     total, elapsed = 0, 0.0
     for start in range(0, len(prompts), batch):
         rows = prompts[start:start + batch]
-        width = max(len(p) for p in rows)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in rows])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-        kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                      temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id)
-        with torch.no_grad():
-            if start == 0:
-                hf_model.generate(ids, **dict(kwargs, max_new_tokens=4, min_new_tokens=4))  # warm-up
-            t0 = time.perf_counter()
-            out = hf_model.generate(ids, **kwargs)
-            elapsed += time.perf_counter() - t0
-        total += (out.shape[1] - width) * len(rows)
+        tokens = new_tokens * len(rows)  # min_new_tokens: exactly new_tokens a row
+        elapsed += tokens / bench_peer_batch(hf_model, rows, new_tokens, pad_id)
+        total += tokens
     return total / elapsed
 
 

@@ -59,7 +59,26 @@ def open_judge(config, mesh) -> "JudgeEngine | RemoteJudge":
     return JudgeEngine(config, mesh)
 
 
-class JudgeEngine:
+class DigitJudge:
+    """score, rate and classify over `_judge(conversations, low, high)`: (ratings on low..high, and in
+    score mode the probability of each digit of that scale, else None)."""
+
+    def score(self, conversations: list[list[dict]]) -> np.ndarray:
+        """Scores in [0, 1], one per conversation."""
+        return self.rate(conversations, 0, SCALE - 1) / (SCALE - 1)
+
+    def rate(self, conversations: list[list[dict]], low: int, high: int) -> np.ndarray:
+        """Ratings on the scale low..high (digits), one per conversation: the expected value over those
+        digits' probabilities, or in generate mode the last "Score: N" in range (low if none)."""
+        return self._judge(conversations, low, high)[0]
+
+    def classify(self, conversations: list[list[dict]], classes: int) -> np.ndarray:
+        """The likeliest answer among the digits 1..classes, one per conversation (generate mode: parsed)."""
+        ratings, probs = self._judge(conversations, 1, classes)
+        return np.round(ratings).astype(np.int64) if probs is None else 1 + probs.argmax(-1)
+
+
+class JudgeEngine(DigitJudge):
     """Scores judge conversations with a local judge model, by forward pass or by generation."""
 
     def __init__(self, config, mesh):
@@ -87,20 +106,6 @@ class JudgeEngine:
         if self.mode == "generate":
             return encode_chat(tok, messages)
         return encode_chat(tok, messages) + tok.encode(self.prefill, add_special_tokens=False)
-
-    def score(self, conversations: list[list[dict]]) -> np.ndarray:
-        """Scores in [0, 1], one per conversation."""
-        return self.rate(conversations, 0, SCALE - 1) / (SCALE - 1)
-
-    def rate(self, conversations: list[list[dict]], low: int, high: int) -> np.ndarray:
-        """Ratings on the scale low..high (digits), one per conversation: the expected value over those
-        digits' next-token probabilities, or in generate mode the last "Score: N" in range (low if none)."""
-        return self._judge(conversations, low, high)[0]
-
-    def classify(self, conversations: list[list[dict]], classes: int) -> np.ndarray:
-        """The likeliest answer among the digits 1..classes, one per conversation (generate mode: parsed)."""
-        ratings, probs = self._judge(conversations, 1, classes)
-        return np.round(ratings).astype(np.int64) if probs is None else 1 + probs.argmax(-1)
 
     def _judge(self, conversations: list[list[dict]], low: int, high: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Ratings on low..high and, in score mode, the probabilities of each digit of that scale."""
@@ -143,7 +148,7 @@ def parse_score(text: str) -> float:
 
 
 
-class RemoteJudge:
+class RemoteJudge(DigitJudge):
     """The judge at an OpenAI-compatible endpoint. Score mode reads the digits' probabilities from the
     `top_logprobs` of the first token it writes (after `prefill`, which the server continues), renormalised
     over the digits of the scale; generate mode parses "Score: N" from a greedy reply."""
@@ -156,16 +161,6 @@ class RemoteJudge:
         self.endpoint = endpoint
         self.remote = RemoteModel(endpoint, "judge")
         self.model_id = self.remote.model_id
-
-    def score(self, conversations: list[list[dict]]) -> np.ndarray:
-        return self.rate(conversations, 0, SCALE - 1) / (SCALE - 1)
-
-    def rate(self, conversations: list[list[dict]], low: int, high: int) -> np.ndarray:
-        return self._judge(conversations, low, high)[0]
-
-    def classify(self, conversations: list[list[dict]], classes: int) -> np.ndarray:
-        ratings, probs = self._judge(conversations, 1, classes)
-        return np.round(ratings).astype(np.int64) if probs is None else 1 + probs.argmax(-1)
 
     def _judge(self, conversations: list[list[dict]], low: int, high: int) -> tuple[np.ndarray, np.ndarray | None]:
         if self.mode == "generate":
