@@ -42,6 +42,9 @@ class Models:
     # bfloat16: projections and output head take bf16 operands and sum in float32 (a TPU's default
     # precision); weights, activations and optimiser state stay float32. float32: exact.
     matmul_dtype: Literal["float32", "bfloat16"] = "float32"
+    # true: the layers stacked and run as one lax.scan, so compile time does not grow with depth
+    # (GPUs, TPUs); false: unrolled, faster on a CPU. Same results.
+    scan_layers: bool = False
 
 
 @dataclasses.dataclass

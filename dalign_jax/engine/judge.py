@@ -90,8 +90,8 @@ class JudgeEngine(DigitJudge):
         self.mode = config.judge.mode
         self.batch_size = config.judge.batch_size
         self.max_new_tokens = config.judge.max_new_tokens
-        self.model = load_model(config.models.judge, config.models.attention, config.models.matmul_dtype,
-                                need_tokenizer=True)
+        m = config.models
+        self.model = load_model(m.judge, m.attention, m.matmul_dtype, need_tokenizer=True, scan_layers=m.scan_layers)
         self.model_id = self.model.model_id
         self.params = shard_params(self.model.params, mesh)
         pad = self.model.tokenizer.pad_token_id or 0

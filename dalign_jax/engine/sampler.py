@@ -236,10 +236,8 @@ def _generate(params, tokens, positions, source, max_new, stop, seen, row_keys, 
     logits, cache = forward(params, tokens, positions, cache, cfg=cfg, last_only=True, fresh_cache=True,
                             batch_shards=batch_shards)
     if source is not None:
-        take = lambda x: jnp.take(x, source, axis=0)  # noqa: E731
-        cache = cache._replace(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)),
-                               positions=take(cache.positions))
-        logits, positions = take(logits), take(positions)
+        cache = cache.take_rows(source)
+        logits, positions = jnp.take(logits, source, axis=0), jnp.take(positions, source, axis=0)
     batch = positions.shape[0]
     active = max_new > 0
 

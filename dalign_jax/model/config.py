@@ -75,6 +75,9 @@ class ModelConfig:
     # Also not architecture: "bfloat16" rounds the projections' and output head's operands to bf16 and
     # sums in float32 (`linear_bf16`); "float32": exact products.
     matmul_dtype: str = "float32"
+    # Also not architecture: the layers' weights stacked [num_layers, ...] and run as one `lax.scan`,
+    # which compiles one layer whatever the depth (accelerators); unrolled suits a CPU.
+    scan_layers: bool = False
 
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer `i`, None for full attention."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from dalign_jax.errors import UserError
 from dalign_jax.model.config import ModelConfig
-from dalign_jax.model.transformer import param_shapes
+from dalign_jax.model.transformer import param_shapes, unstack_layers
 
 Row = tuple[str, tuple[str, ...], str]
 
@@ -109,7 +109,7 @@ def hf_to_params(get: Callable[[str], np.ndarray], names: set[str], cfg: ModelCo
 
 def params_to_hf(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our parameter tree as HF-named float32 numpy tensors, ready for safetensors."""
-    params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), params)  # one device-to-host copy
+    params = unstack_layers(jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), params))  # one host copy
     out = {}
     for name, path, rule in _rows(cfg):
         out[name] = np.ascontiguousarray(_to_hf(_node(params, path), rule))

@@ -10,6 +10,7 @@ import transformers
 
 from dalign_jax.errors import UserError
 from dalign_jax.model.config import ModelConfig
+from dalign_jax.model.transformer import stack_layers
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -66,8 +67,9 @@ def model_id_of(name: str) -> str:
 
 
 def load_model(name: str, attention: str = "einsum", matmul_dtype: str = "float32",
-               need_tokenizer: bool = False) -> LoadedModel:
-    """`attention`, `matmul_dtype`: how the forward pass computes (ModelConfig's fields of those names).
+               need_tokenizer: bool = False, scan_layers: bool = False) -> LoadedModel:
+    """`attention`, `matmul_dtype`, `scan_layers`: how the forward pass computes (ModelConfig's fields
+    of those names; scanned layers are held stacked).
     `need_tokenizer`: a model without one is an error (everything but export and the weights' tests)."""
     from dalign_jax.model.gguf_io import load_gguf
     from dalign_jax.model.hf_io import load_hf_dir, read_generation_config
@@ -83,7 +85,9 @@ def load_model(name: str, attention: str = "einsum", matmul_dtype: str = "float3
         raise UserError(f"{path}: not a model (expected a HF model directory or a .gguf file)")
     if need_tokenizer and tokenizer is None:
         raise UserError(f"{path}: no tokenizer (tokenizer.json or tokenizer_config.json); prompts cannot be encoded")
-    cfg = dataclasses.replace(cfg, attention=attention, matmul_dtype=matmul_dtype)
+    cfg = dataclasses.replace(cfg, attention=attention, matmul_dtype=matmul_dtype, scan_layers=scan_layers)
+    if scan_layers:
+        params = stack_layers(params)
     generation = read_generation_config(path) if path.is_dir() else None
     return LoadedModel(name, hf_config, cfg, params, tokenizer, _model_id(name, path), generation)
 

@@ -1,9 +1,11 @@
 """The decoder: one pure forward function that every stage calls (sampler, judge, SFT, RL).
 
-Parameters are a plain pytree with one dict per layer. The layers are unrolled rather than stacked
-under `lax.scan`: on CPU, slicing a stacked weight or cache per scan step copies it, and those copies
-cost as much as the matmuls; separate arrays are read in place, and each layer's cache is updated in
-place (the new keys are written first, then attended to).
+Parameters are a plain pytree with one dict per layer. The layers are unrolled by default rather
+than stacked under `lax.scan`: on CPU, slicing a stacked weight or cache per scan step copies it, and
+those copies cost as much as the matmuls; separate arrays are read in place, and each layer's cache is
+updated in place (the new keys are written first, then attended to). Under `cfg.scan_layers` the
+layers are one dict of stacked arrays [num_layers, ...] (`stack_layers`) and run as one `lax.scan`,
+so that compile time does not grow with depth (accelerators); both forms give the same numbers.
 
 Padding is expressed through positions: a token whose position is negative is padding. Attention
 masks are derived from positions alone (a key is visible when it is real, not later than the query,
@@ -29,8 +31,10 @@ class KVCache(NamedTuple):
     """Keys and values per layer. A shared prefix (one spec, many prompts) is held once, unbatched,
     in `prefix_*`: every row attends to it, and it is never copied per row."""
 
-    k: tuple[jax.Array, ...]  # per layer [batch, kv_heads, slots, head_dim]
-    v: tuple[jax.Array, ...]  # per layer [batch, kv_heads, slots, head_dim]
+    # per layer [batch, kv_heads, slots, head_dim]; under `cfg.scan_layers` one stacked array
+    # [layers, batch, kv_heads, slots, head_dim] (and the prefix's [layers, kv_heads, prefix, head_dim])
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     positions: jax.Array  # [batch, slots] int32; -1 marks an empty slot
     index: jax.Array  # int32 scalar: the next slot to write
     prefix_k: tuple[jax.Array, ...] | None = None  # per layer [kv_heads, prefix, head_dim]
@@ -42,13 +46,39 @@ class KVCache(NamedTuple):
         """`prefix`: (k, v, positions) from `prefill_prefix`, shared by every row."""
         shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
         prefix = prefix or (None, None, None)
-        return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            positions=jnp.full((batch, slots), -1, jnp.int32),
-            index=jnp.zeros((), jnp.int32),
-            prefix_k=prefix[0], prefix_v=prefix[1], prefix_positions=prefix[2],
-        )
+        if cfg.scan_layers:
+            k = v = jnp.zeros((cfg.num_layers,) + shape, dtype)
+        else:
+            k = v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=k, v=v, positions=jnp.full((batch, slots), -1, jnp.int32), index=jnp.zeros((), jnp.int32),
+                   prefix_k=prefix[0], prefix_v=prefix[1], prefix_positions=prefix[2])
+
+    def take_rows(self, rows: jax.Array) -> "KVCache":
+        """The cache of the given rows (a row may repeat: the k samples of one prompt share its prefill)."""
+        stacked = not isinstance(self.k, tuple)
+        take = lambda x: jnp.take(x, rows, axis=1 if stacked else 0)  # noqa: E731
+        k, v = (take(self.k), take(self.v)) if stacked else (tuple(map(take, self.k)), tuple(map(take, self.v)))
+        return self._replace(k=k, v=v, positions=jnp.take(self.positions, rows, axis=0))
+
+
+def is_stacked(params: Params) -> bool:
+    return isinstance(params["layers"], dict)
+
+
+def stack_layers(params: Params) -> Params:
+    """The per-layer dicts as one dict of arrays [num_layers, ...] (the `cfg.scan_layers` form)."""
+    if is_stacked(params):
+        return params
+    on_host = isinstance(jax.tree.leaves(params["layers"][0])[0], np.ndarray)  # stays on the host if it was
+    return dict(params, layers=jax.tree.map(lambda *xs: (np if on_host else jnp).stack(xs), *params["layers"]))
+
+
+def unstack_layers(params: Params) -> Params:
+    """The inverse of `stack_layers`: one dict per layer (export and the unrolled form)."""
+    if not is_stacked(params):
+        return params
+    n = len(next(iter(params["layers"].values())))
+    return dict(params, layers=[jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)])
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -408,6 +438,9 @@ def forward(
     """
     chex.assert_rank([tokens, positions], 2)
     chex.assert_equal_shape([tokens, positions])
+    if is_stacked(params) != cfg.scan_layers:
+        raise ValueError(f"forward: cfg.scan_layers is {cfg.scan_layers} but the layers are "
+                         f"{'stacked' if is_stacked(params) else 'one dict each'} (see stack_layers)")
     dtype = dtype or params["embed"].dtype
     x = params["embed"][tokens].astype(dtype)
     if embed_noise is not None:
@@ -432,6 +465,15 @@ def forward(
         prefix_masks = visible(jnp.broadcast_to(cache.prefix_positions,
                                                 (tokens.shape[0],) + cache.prefix_positions.shape))
 
+    if is_stacked(params):
+        x, new_k, new_v = _scan_layers(cfg, params["layers"], x, positions, masks, cache,
+                                       prefix_masks if shared else None, fresh_cache, remat, batch_shards)
+        if last_only:
+            x = x[:, -1:]
+        new_cache = None if cache is None else cache._replace(
+            k=new_k, v=new_v, positions=key_positions, index=cache.index + tokens.shape[1])
+        return _logits(cfg, params, x, last_only, logits_from, logits_to), new_cache
+
     layers = {}  # one function per RoPE (Gemma 3's sliding layers have their own)
     for rope in {cfg.layer_rope(i) for i in range(cfg.num_layers)}:
         rotary = rope_tables(rope_inv_freq(rope, cfg.head_dim), cfg.max_position)
@@ -449,7 +491,39 @@ def forward(
         new_v.append(v)
     new_cache = None if cache is None else cache._replace(
         k=tuple(new_k), v=tuple(new_v), positions=key_positions, index=cache.index + tokens.shape[1])
+    return _logits(cfg, params, x, last_only, logits_from, logits_to), new_cache
 
+
+def _scan_layers(cfg: ModelConfig, stacked, x, positions, masks, cache, prefix_masks, fresh, remat, batch_shards):
+    """The decoder's layers as one `lax.scan` over stacked weights (and stacked caches); a layer's
+    window and RoPE are picked by index from the distinct ones, so one body serves every layer."""
+    windows = sorted({cfg.layer_window(i) for i in range(cfg.num_layers)}, key=lambda w: -1 if w is None else w)
+    ropes = sorted({cfg.layer_rope(i) for i in range(cfg.num_layers)}, key=repr)
+    tables = [rope_tables(rope_inv_freq(r, cfg.head_dim), cfg.max_position) for r in ropes]
+    stacked_tables = tuple(jnp.stack([jnp.asarray(t[j]) for t in tables]) for j in range(4))
+    window_of = jnp.asarray([windows.index(cfg.layer_window(i)) for i in range(cfg.num_layers)], jnp.int32)
+    rope_of = jnp.asarray([ropes.index(cfg.layer_rope(i)) for i in range(cfg.num_layers)], jnp.int32)
+    stack = lambda table: None if table is None else jnp.stack([table[w] for w in windows])  # noqa: E731
+    mask_stack, prefix_mask_stack = stack(masks), stack(prefix_masks)
+
+    def body(x, layer):
+        lp, window_i, rope_i, ck, cv, pk, pv = layer
+        rotary = tables[0] if len(ropes) == 1 else tuple(t[rope_i] for t in stacked_tables)
+        pick = lambda table: table[0] if len(windows) == 1 else table[window_i]  # noqa: E731
+        cache_kv = None if cache is None else (ck, cv, cache.index)
+        prefix_kv = None if prefix_masks is None else (pk, pv, pick(prefix_mask_stack))
+        x, k, v = _layer(cfg, rotary, batch_shards, x, positions, lp, pick(mask_stack), cache_kv, prefix_kv, fresh)
+        return x, (None if cache is None else (k, v))
+
+    if remat:
+        body = jax.checkpoint(body)
+    kv = (None, None) if cache is None else (cache.k, cache.v)
+    prefix = (None, None) if prefix_masks is None else (cache.prefix_k, cache.prefix_v)
+    x, kv = jax.lax.scan(body, x, (stacked, window_of, rope_of, *kv, *prefix))
+    return (x, None, None) if cache is None else (x, *kv)
+
+
+def _logits(cfg: ModelConfig, params: Params, x, last_only: bool, logits_from: int, logits_to: int | None):
     if not last_only and (logits_from or logits_to is not None):  # (last_only: x is the last token's already)
         x = x[:, logits_from:logits_to]
     x = _norm(cfg, x, params["final_norm"])
@@ -458,9 +532,8 @@ def forward(
                   else linear_bf16(x, params["lm_head"]))
     else:
         head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-        logits = x @ head.astype(dtype)
-    logits = softcap(logits.astype(jnp.float32), cfg.final_softcap)
-    return logits, new_cache
+        logits = x @ head.astype(x.dtype)
+    return softcap(logits.astype(jnp.float32), cfg.final_softcap)
 
 
 def token_logprobs(params, tokens, positions, *, cfg: ModelConfig, compute_dtype=jnp.float32, remat=False,
@@ -494,6 +567,8 @@ def prefill_prefix(params: Params, tokens: jax.Array, positions: jax.Array, *, c
     """(k, v, positions) of one shared prefix [1, length], to pass to `KVCache.empty(prefix=...)`."""
     empty = KVCache.empty(cfg, 1, tokens.shape[1], dtype=params["embed"].dtype)
     _, cache = forward(params, tokens, positions, empty, cfg=cfg, last_only=True, fresh_cache=True)
+    if is_stacked(params):
+        return cache.k[:, 0], cache.v[:, 0], cache.positions[0]
     return tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v), cache.positions[0]
 
 
@@ -538,4 +613,5 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
             return (jnp.zeros if cfg.norm_offset else jnp.ones)(shape, dtype)
         return (std * jax.random.normal(next(keys), shape)).astype(dtype)
 
-    return jax.tree_util.tree_map_with_path(init, shapes, is_leaf=is_shape)
+    params = jax.tree_util.tree_map_with_path(init, shapes, is_leaf=is_shape)
+    return stack_layers(params) if cfg.scan_layers else params

@@ -100,7 +100,12 @@ def _leaf_spec(path, shape: tuple[int, ...], mesh: Mesh, split_over_data: bool =
     root = next((i for i, part in enumerate(parts) if part in PARAM_ROOTS), None)
     if root is None:
         return P()
-    spec = param_spec("/".join(parts[root:]), shape, mesh)
+    parts = parts[root:]
+    if parts[0] == "layers" and len(parts) > 1 and not parts[1].isdigit():
+        # Stacked layers (`scan_layers`): a layer's own rule behind the unsplit layer axis.
+        spec = P(None, *param_spec("/".join(["layers", "0", *parts[1:]]), shape[1:], mesh))
+        return over_data(spec, shape, mesh) if split_over_data else spec
+    spec = param_spec("/".join(parts), shape, mesh)
     return over_data(spec, shape, mesh) if split_over_data else spec
 
 

@@ -6,10 +6,11 @@ from dalign_jax.errors import UserError
 
 
 def open_model(config: Config, name: str):
-    """`load_model(name)` computing as `config.models` says (attention, matmul operands)."""
+    """`load_model(name)` computing as `config.models` says (attention, matmul operands, scanned layers)."""
     from dalign_jax.model.loader import load_model
 
-    return load_model(name, config.models.attention, config.models.matmul_dtype, need_tokenizer=True)
+    m = config.models
+    return load_model(name, m.attention, m.matmul_dtype, need_tokenizer=True, scan_layers=m.scan_layers)
 
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dalign_jax.model.projections import LORA_TARGETS
+from dalign_jax.model.transformer import is_stacked, stack_layers, unstack_layers
 from dalign_jax.parallel.mesh import param_shardings, shard_params
 
 
@@ -39,7 +40,10 @@ class LoraConfig:
 
 
 def init_adapters(base: dict, lora: LoraConfig, key: jax.Array) -> dict:
-    """`a` uniform in +-1/sqrt(in) (the usual Kaiming bound), `b` zero: the merge starts as the identity."""
+    """`a` uniform in +-1/sqrt(in) (the usual Kaiming bound), `b` zero: the merge starts as the identity.
+    Stacked layers (`scan_layers`) get stacked adapters, with the same values as unrolled ones."""
+    if is_stacked(base):
+        return stack_layers(init_adapters(unstack_layers(base), lora, key))
     layers = []
     for i, layer in enumerate(base["layers"]):
         adapters = {}
@@ -54,15 +58,19 @@ def init_adapters(base: dict, lora: LoraConfig, key: jax.Array) -> dict:
 
 
 def merge(base: dict, adapters: dict, lora: LoraConfig) -> dict:
-    """The base parameters with every adapted matrix replaced by W + scale * a @ b (in W's dtype)."""
-    layers = []
-    for layer, adapted in zip(base["layers"], adapters["layers"]):
+    """The base parameters with every adapted matrix replaced by W + scale * a @ b (in W's dtype); for
+    stacked layers the products are batched over the layer axis."""
+
+    def merged(layer, adapted):
         layer = dict(layer)
         for name, ab in adapted.items():
             w = layer[name]
             layer[name] = (w.astype(jnp.float32) + lora.scale * (ab["a"] @ ab["b"])).astype(w.dtype)
-        layers.append(layer)
-    return dict(base, layers=layers)
+        return layer
+
+    if is_stacked(base):
+        return dict(base, layers=merged(base["layers"], adapters["layers"]))
+    return dict(base, layers=[merged(lp, ad) for lp, ad in zip(base["layers"], adapters["layers"])])
 
 
 def count(tree) -> int:
