@@ -195,6 +195,34 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Each stage's memory per device and FLOPs from the models' configs alone; exit 2 where one
+    cannot fit."""
+    import jax
+
+    from dalign_jax.config import load_config
+    from dalign_jax.plan import GIB, STAGES, MeshShape, device_memory, format_plan, plan_config, refuse_unfit
+
+    config = load_config(args.config, args.overrides)
+    devices = args.devices or config.mesh.devices or jax.device_count()
+    capacity, where = device_memory()
+    if args.device_memory_gib:
+        capacity, where = args.device_memory_gib * GIB, "--device-memory-gib"
+    if args.peak_tflops:
+        peak = args.peak_tflops * 1e12
+    else:
+        from dalign_jax.train.metrics import device_peak
+
+        peak, _ = device_peak(config.models.matmul_dtype)
+    plans = plan_config(config, devices)
+    stages = args.stage or list(STAGES)
+    plans = [p for p in plans if p.stage in stages]
+    print(format_plan(plans, MeshShape.of(config.mesh, devices), capacity, where, peak))
+    if capacity is not None:
+        refuse_unfit(plans, capacity)
+    return 0
+
+
 def cmd_stage(args) -> int:
     from dalign_jax.config import load_config
 
@@ -260,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved config (file, overrides and defaults) as YAML")
     _add_config_arguments(show)
     show.set_defaults(func=cmd_config)
+
+    plan = sub.add_parser("plan", help="memory per device and FLOPs of every stage, before any weight is read")
+    _add_config_arguments(plan)
+    plan.add_argument("--devices", type=int, default=0, help="plan for this many devices (default: the config's "
+                      "mesh.devices, else the devices present)")
+    plan.add_argument("--device-memory-gib", type=float, default=0.0,
+                      help="what one device holds (default: the runtime's limit; on a CPU, host memory / devices)")
+    plan.add_argument("--peak-tflops", type=float, default=0.0,
+                      help="one device's peak for the step times (default: the vendor's bf16 figure for a known "
+                           "accelerator, else a measured matmul)")
+    plan.add_argument("--stage", action="append", choices=["distill", "judge", "sft", "rl", "eval"],
+                      help="plan only this stage (repeatable)")
+    plan.set_defaults(func=cmd_plan)
 
     for name, text in STAGE_HELP.items():
         stage = sub.add_parser(name, help=text)

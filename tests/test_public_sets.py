@@ -159,7 +159,7 @@ def test_judge_rates_on_narrow_scales(mini_run):
     from dalign_jax.stages.inputs import open_mesh
 
     config = load_config(mini_run, ["mesh.devices=1"])
-    engine = JudgeEngine(config, open_mesh(config))
+    engine = JudgeEngine(config, open_mesh(config, "judge"))
     conversations = [[{"role": "user", "content": f"rate answer {i}"}] for i in range(3)]
     full = engine.rate(conversations, 0, 9)
     assert np.allclose(engine.score(conversations), full / 9, atol=1e-6)

@@ -225,7 +225,7 @@ def test_judge_engine_batches_by_length_and_returns_scores_in_input_order(mini_r
 
     config = load_config(mini_run, ["judge.batch_size=3"])
     spec = load_spec(config.spec_dir)
-    engine = JudgeEngine(config, open_mesh(config))
+    engine = JudgeEngine(config, open_mesh(config, "judge"))
     conversations = [judge_messages(spec, "alpha" if i % 3 else "beta", [{"role": "user", "content": "q " * i}],
                                     "answer " * (7 - i)) for i in range(7)]
     alone = [float(engine.score([c])[0]) for c in conversations]

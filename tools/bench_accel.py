@@ -29,7 +29,7 @@ from dalign_jax.engine.sampler import Sampler, SamplingParams
 from dalign_jax.model.config import ModelConfig, RopeConfig
 from dalign_jax.model.transformer import init_params
 from dalign_jax.parallel.mesh import make_mesh, param_shardings
-from dalign_jax.train.metrics import measure_peak_flops, train_flops_per_token
+from dalign_jax.train.metrics import device_peak, train_flops_per_token
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
 from dalign_jax.train.step import COMPUTE_DTYPES, compile_train_step, device_batch, init_state, sft_loss
 
@@ -39,26 +39,11 @@ LLAMA_1B = ModelConfig(
     rope=RopeConfig(theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position=8192))
 
-# Dense bfloat16 peak FLOP/s per chip, from the vendors' data sheets (device_kind substring -> peak).
-PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-             ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-             ("TPU v4", 275e12)]
-
 # (SFT rows, SFT length, timed steps, sampler rows, prompt length, new tokens) per size.
 SIZES = {
     "ci": {"smollm2": (2, 64, 2, 4, 16, 16), "llama1b_2layers": (2, 64, 2, 2, 16, 8)},
     "full": {"smollm2": (32, 1024, 10, 64, 128, 128), "llama1b": (8, 2048, 10, 64, 128, 128)},
 }
-
-
-def device_peak(dtype) -> tuple[float, str]:
-    device = jax.devices()[0]
-    if device.platform != "cpu" and dtype == jnp.bfloat16:
-        for name, peak in PEAK_BF16:
-            if name.lower() in device.device_kind.lower():
-                return peak, f"{device.device_kind} data sheet, dense bfloat16"
-    size = 2048 if device.platform == "cpu" else 8192
-    return measure_peak_flops(size, dtype=dtype), f"measured {jnp.dtype(dtype).name} matmul {size}^3"
 
 
 def the_models(size: str, attention: str):

@@ -92,6 +92,25 @@ def load_model(name: str, attention: str = "einsum", matmul_dtype: str = "float3
     return LoadedModel(name, hf_config, cfg, params, tokenizer, _model_id(name, path), generation)
 
 
+def read_model_config(name: str) -> ModelConfig:
+    """A model's architecture from its config.json or GGUF header alone: no weight is read."""
+    from dalign_jax.model.config import from_hf_config
+    from dalign_jax.model.hf_io import read_hf_config
+
+    path = resolve_model_path(name)
+    if path.is_dir():
+        return from_hf_config(read_hf_config(path), source=str(path / "config.json"))
+    if path.suffix != ".gguf":
+        raise UserError(f"{path}: not a model (expected a HF model directory or a .gguf file)")
+    import gguf
+
+    from dalign_jax.model.gguf_io import read_gguf_config
+
+    reader = gguf.GGUFReader(str(path))  # memory-mapped: the tensors are not read
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    return from_hf_config(read_gguf_config(reader, path, has_output), source=str(path))
+
+
 def load_tokenizer(name: str):
     """Only the tokenizer of a model (no weights are read)."""
     import gguf

@@ -198,12 +198,12 @@ def run_distill(config: Config, force: bool = False) -> dict:
     if remote:  # asked before anything is written, so an unreachable server leaves no output
         model = RemoteModel(teacher_ref, "teacher")
     else:
+        mesh = open_mesh(config, "distill")
         model = open_model(config, teacher_ref)
     ensure_writable(out)
     check_run_header(out, {"spec_version": spec.version, "model_id": model.model_id, "seed": config.seed,
                            "prompts": section(config, "prompts"), "distill": section(config, "distill")}, force)
     if not remote:
-        mesh = open_mesh(config)
         params = shard_params(model.params, mesh)
         sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
     # Shards take the prompts category by category: batches hold one category each, and a category cut

@@ -239,7 +239,7 @@ def run_eval(config: Config, force: bool = False) -> dict:
     if force:
         for f in out.glob("*/*.jsonl"):
             f.unlink()
-    mesh = open_mesh(config)
+    mesh = open_mesh(config, "eval")
     judge = None
     # One sampler per architecture, so that base, SFT and RL (the same shapes) compile once, not once each.
     samplers: dict[tuple, Sampler] = {}

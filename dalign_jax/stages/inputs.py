@@ -14,12 +14,17 @@ def open_model(config: Config, name: str):
 
 
 
-def open_mesh(config: Config):
+def open_mesh(config: Config, stage: str):
+    """The processes joined and the mesh made; then, before the stage reads any weight, its memory
+    plan checked against the devices (accelerators only: `plan.check_stage_fits`)."""
     from dalign_jax.parallel import distributed
+    from dalign_jax.plan import check_stage_fits
 
     d = config.distributed
     distributed.initialize(d.enabled, d.coordinator, d.num_processes, d.process_id)
-    return mesh_from(config.mesh, "mesh")
+    mesh = mesh_from(config.mesh, "mesh")
+    check_stage_fits(config, stage)
+    return mesh
 
 
 

@@ -110,7 +110,7 @@ def run_judge(config: Config, force: bool = False) -> dict:
         raise UserError(f"{distill_dir}: distilled with spec {made_with['spec_version']}, but {config.spec_dir} "
                         f"is now {spec.version}; distill again")
     out = config.run_path / "judge"
-    mesh = open_mesh(config)
+    mesh = open_mesh(config, "judge")
     engine = open_judge(config, mesh)
     ensure_writable(out)
     check_run_header(out, {"spec_version": spec.version, "judge_model_id": engine.model_id,

@@ -128,7 +128,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
     prompts = open_prompts(config, spec)
     out = config.run_path / "rl"
     ensure_writable(out)
-    mesh = open_mesh(config)
+    mesh = open_mesh(config, "rl")
     rows = rl.prompts_per_step * rl.group_size
     if rows % (batch_size_multiple(mesh) * train.grad_accum):
         raise UserError(f"rl.prompts_per_step x rl.group_size = {rows} must be a multiple of mesh data x fsdp "

@@ -121,7 +121,7 @@ def run_sft(config: Config, force: bool = False) -> dict:
     if not train_idx:
         raise UserError(f"{data_path}: no training examples left after holding out {config.sft.heldout_fraction}")
     ensure_writable(out)
-    mesh = open_mesh(config)
+    mesh = open_mesh(config, "sft")
     rows, accum = config.sft.batch_size, config.sft.train.grad_accum
     if rows % batch_size_multiple(mesh):
         raise UserError(f"sft.batch_size {rows} must be a multiple of mesh data x fsdp = {batch_size_multiple(mesh)}")

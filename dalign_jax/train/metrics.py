@@ -45,6 +45,24 @@ def measure_peak_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32) ->
     return 2 * size ** 3 / best
 
 
+# Dense bfloat16 peak FLOP/s per chip, from the vendors' data sheets (device_kind substring -> peak).
+PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+             ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+             ("TPU v4", 275e12)]
+
+
+def device_peak(dtype) -> tuple[float, str]:
+    """The first device's peak FLOP/s with `dtype` operands and where the figure comes from: the data
+    sheet for a known accelerator in bfloat16, else a measured matmul."""
+    device = jax.devices()[0]
+    if device.platform != "cpu" and jnp.dtype(dtype) == jnp.bfloat16:
+        for name, peak in PEAK_BF16:
+            if name.lower() in device.device_kind.lower():
+                return peak, f"{device.device_kind} data sheet, dense bfloat16"
+    size = 2048 if device.platform == "cpu" else 8192
+    return measure_peak_flops(size, dtype=dtype), f"measured {jnp.dtype(dtype).name} matmul {size}^3"
+
+
 def peak_flops_around(work: Callable[[], T], dtype=jnp.float32) -> tuple[T, float, float]:
     """`work()`'s result, the ceiling for it (the best matmul rate with `dtype` operands timed just
     before and just after it: the machine's speed drifts by up to 10% between runs, and a peak is never
