@@ -296,14 +296,19 @@ def refuse_unfit(plans: list[StagePlan], capacity: float, stages=STAGES) -> None
                             f"{size / GIB:.1f} GiB (see `dalign plan`)")
 
 
-def check_stage_fits(config: Config, stage: str) -> None:
-    """Before a stage loads its weights on an accelerator: refuse a config whose plan cannot fit. On a
-    CPU the host's memory is shared and swappable, so nothing is refused there."""
+def stage_capacity() -> float | None:
+    """What a stage's plan is held to: an accelerator's memory; None on a CPU, whose host memory is
+    shared and swappable."""
     import jax
 
-    if jax.devices()[0].platform == "cpu":
-        return
-    capacity, _ = device_memory()
+    return None if jax.devices()[0].platform == "cpu" else device_memory()[0]
+
+
+def check_stage_fits(config: Config, stage: str) -> None:
+    """Before a stage reads any weight: refuse a config whose plan for it cannot fit the devices."""
+    import jax
+
+    capacity = stage_capacity()
     if capacity is not None:
         devices = config.mesh.devices or jax.device_count()
         refuse_unfit(plan_config(config, devices), capacity, (stage,))

@@ -119,3 +119,22 @@ def test_sft_plan_is_within_a_fifth_of_xla_buffer_assignment():
     planned = sum(training_items(cfg, Train(), MeshShape(1, 1, 1), 4, 512).values())
     measured = measured_bytes(cfg, Train(), 4, 512)
     assert 0.8 < planned / measured < 1.2, (planned / GIB, measured / GIB)
+
+
+def test_a_stage_refuses_before_reading_weights_where_its_plan_cannot_fit(tmp_path, monkeypatch, tiny_chat_model):
+    """As on an accelerator of 1 MiB: the SFT stage stops at its mesh, naming itself, with nothing written."""
+    from dalign_jax import plan
+    from dalign_jax.errors import UserError
+    from dalign_jax.stages.sft import run_sft
+
+    monkeypatch.setattr(plan, "stage_capacity", lambda: 1024.0 ** 2)
+    monkeypatch.setattr("dalign_jax.model.loader.load_model", lambda *a, **k: pytest.fail("weights were read"))
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    config = tmp_path / "sft.yaml"
+    config.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "models": {"policy": str(tiny_chat_model)},
+                                  "sft": {"data": str(data)}}))
+    with pytest.raises(UserError, match="stage sft needs .* largest item"):
+        run_sft(load_config(config))
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
