@@ -235,8 +235,8 @@ def plan_config(config: Config, devices: int, read_config=None) -> list[StagePla
     judged = PROMPT_TOKENS + spec + new
     items = {} if judge is None else {"judge weights (float32)": weight_bytes(judge, mesh),
                                       **sampler_items(judge, mesh, j.batch_size, judged, j.max_new_tokens)}
-    plans.append(StagePlan("judge", items, 0.0 if judge is None else _flops(judge, j.batch_size * judged, judged, False),
-                           "a batch scored"))
+    flops = 0.0 if judge is None else _flops(judge, j.batch_size * judged, judged, False)
+    plans.append(StagePlan("judge", items, flops, "a batch scored"))
 
     s = config.sft
     items = training_items(policy, s.train, mesh, s.batch_size, s.max_seq_len)

@@ -1,7 +1,6 @@
 """`dalign plan`: every shipped config plans from config.json alone; exact parameter and optimiser
 counts; remat and sharding shrink what they should; a config that cannot fit exits 2 naming its
 stage and largest item; an SFT step's plan against XLA's buffer assignment."""
-import functools
 import json
 import os
 import subprocess
@@ -9,7 +8,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from conftest import needs_default_model
