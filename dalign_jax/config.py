@@ -388,7 +388,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         config.distill.force_format = not isinstance(config.models.teacher, Endpoint)
     _check_ranges(config, source)
     import_plugins(config.plugins, source)
-    _check_registered(config, source)
     return config
 
 
@@ -419,22 +418,6 @@ def import_plugins(names: list[str], source: str) -> None:
         except Exception as e:
             raise UserError(f"{source}: config key plugins: {name!r} could not be imported: "
                             f"{type(e).__name__}: {e}") from e
-
-
-def _check_registered(config: Config, source: str) -> None:
-    """Names in the rl section must be registered (by us or by a plugin) before a stage starts."""
-    from dalign_jax.rl.advantages import ADVANTAGES
-    from dalign_jax.rl.losses import AGGREGATIONS
-    from dalign_jax.rl.rewards import REWARDS
-
-    for key, names, table in (("rl.advantage", [config.rl.advantage], ADVANTAGES),
-                              ("rl.aggregation", [config.rl.aggregation], AGGREGATIONS),
-                              ("rl.rewards", list(config.rl.rewards), REWARDS)):
-        unknown = [n for n in names if n not in table]
-        if unknown:
-            raise UserError(f"{source}: config key {key}: {', '.join(map(repr, unknown))} is not registered "
-                            f"(registered: {', '.join(sorted(table))}; a module named in `plugins` can add one "
-                            "with @register)")
 
 
 # Bounds of every number, by section class (sections that appear twice share one): (low, high)

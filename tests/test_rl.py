@@ -17,6 +17,8 @@ from dalign_jax.parallel.mesh import make_mesh, shard_params
 from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import AGGREGATIONS, clipped_policy_loss, importance_log_ratio, kl_k3, rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
+from dalign_jax.stages.inputs import check_registered
+from dalign_jax.stages.pipeline import run_pipeline
 from dalign_jax.stages.rl import run_rl, training_batch, zero_spread_share
 from dalign_jax.train.optim import learning_rate_schedule, make_optimizer
 from dalign_jax.train.step import compile_train_step, device_batch, init_state
@@ -365,7 +367,9 @@ def test_a_plugin_module_registers_an_estimator_the_rl_stage_uses(mini_run, tmp_
     (tmp_path / "my_estimators.py").write_text(PLUGIN)
     monkeypatch.setattr(sys, "path", list(sys.path))
     with pytest.raises(UserError, match=r"rl\.advantage: 'test_fixed' is not registered"):
-        load_config(mini_run, ["rl.advantage=test_fixed"])
+        check_registered(load_config(mini_run, ["rl.advantage=test_fixed"]))
+    with pytest.raises(UserError, match=r"rl\.advantage: 'test_fixed' is not registered"):
+        run_pipeline(load_config(mini_run, ["rl.advantage=test_fixed"]))  # before any stage runs
     with pytest.raises(UserError, match=r"plugins: 'nowhere\.py' could not be imported"):
         load_config(mini_run, ["plugins=[nowhere.py]"])
     with pytest.raises(UserError, match=r"plugins: 'no_such_module' could not be imported: ModuleNotFoundError"):

@@ -1,4 +1,5 @@
-"""The package's import graph: no cycle (imports inside functions included), and no stage imports another."""
+"""The package's import graph: no cycle (imports inside functions included), no stage imports another, the
+config needs nothing of rl/; docs/configuration.md against the typed config."""
 import ast
 from pathlib import Path
 
@@ -56,6 +57,17 @@ def test_no_stage_imports_another():
     stages = {f"dalign_jax.stages.{s}" for s in ("distill", "judge", "sft", "rl", "eval", "report")}
     offenders = {m: sorted(graph[m] & stages) for m in stages if graph[m] & stages}
     assert not offenders, offenders
+
+
+def test_config_needs_nothing_of_rl_or_the_stages():
+    """The config reads and checks a file; RL's registries are consulted when a stage starts."""
+    graph = import_graph()
+    reach, todo = set(), ["dalign_jax.config"]
+    while todo:
+        for nxt in graph[todo.pop()] - reach:
+            reach.add(nxt)
+            todo.append(nxt)
+    assert not {m for m in reach if m.startswith(("dalign_jax.rl", "dalign_jax.stages"))}, sorted(reach)
 
 
 def config_keys(cls, prefix: str = "") -> set[str]:

@@ -84,3 +84,20 @@ def open_prompts(config: Config, spec) -> list:
             seen[p.id] = path
         prompts = prompts + extra
     return prompts
+
+
+def check_registered(config: Config) -> None:
+    """The names in the rl section registered (by us or by a plugin the config imported): checked when
+    the RL stage or the whole run starts, so that the config needs nothing of rl/."""
+    from dalign_jax.rl.advantages import ADVANTAGES
+    from dalign_jax.rl.losses import AGGREGATIONS
+    from dalign_jax.rl.rewards import REWARDS
+
+    for key, names, table in (("rl.advantage", [config.rl.advantage], ADVANTAGES),
+                              ("rl.aggregation", [config.rl.aggregation], AGGREGATIONS),
+                              ("rl.rewards", list(config.rl.rewards), REWARDS)):
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise UserError(f"config key {key}: {', '.join(map(repr, unknown))} is not registered "
+                            f"(registered: {', '.join(sorted(table))}; a module named in `plugins` can add one "
+                            "with @register)")

@@ -11,6 +11,7 @@ import tempfile
 
 from dalign_jax.config import Config, config_to_dict
 from dalign_jax.errors import UserError
+from dalign_jax.stages.inputs import check_registered
 
 ORDER = [("distill", "run_distill"), ("judge", "run_judge"), ("sft", "run_sft"), ("rl", "run_rl"),
          ("eval", "run_eval"), ("report", "run_report")]
@@ -49,6 +50,7 @@ def run_in_child_process(stage: str, config: Config, force: bool) -> dict:
 
 
 def run_pipeline(config: Config, force: bool = False) -> dict:
+    check_registered(config)  # before distill's hour, not at RL
     results = {}
     in_child = training_in_child_process()
     for number, (module, function) in enumerate(ORDER, 1):

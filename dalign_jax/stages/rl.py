@@ -32,7 +32,7 @@ from dalign_jax.parallel.mesh import batch_size_multiple, shard_params
 from dalign_jax.rl.advantages import ADVANTAGES
 from dalign_jax.rl.losses import rl_loss
 from dalign_jax.rl.rewards import RewardContext, Rollout, total_rewards
-from dalign_jax.stages.inputs import mesh_from, open_mesh, open_model, open_prompts
+from dalign_jax.stages.inputs import check_registered, mesh_from, open_mesh, open_model, open_prompts
 from dalign_jax.stages.outputs import check_run_header, ensure_writable, section
 from dalign_jax.train.loop import TrainingRun
 from dalign_jax.train.lora import LoraConfig, Trainable
@@ -123,6 +123,7 @@ def run_rl(config: Config, force: bool = False) -> dict:
     from dalign_jax.config import model_ref
     from dalign_jax.engine.judge import open_judge
 
+    check_registered(config)
     rl, train = config.rl, config.rl.train
     spec = load_spec(config.spec_dir)
     prompts = open_prompts(config, spec)
