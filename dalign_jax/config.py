@@ -87,16 +87,8 @@ class Sampled:
 
 
 @dataclasses.dataclass
-class Distill(Sampled):
-    samples_per_prompt: int = 2  # k completions per prompt
-    # k by expected mode, e.g. {comply: 1}: where the judge keeps one completion of a prompt, a second
-    # is only a spare, and its sampling costs as much as a kept one.
-    samples_by_mode: dict[str, int] = dataclasses.field(default_factory=dict)
-    cot_tokens: int = 128  # limit for the analysis
-    answer_tokens: int = 128  # limit for the final answer
-    # Write the delimiter ourselves and sample the answer in a second pass, so a small model's completions
-    # have both parts; false: one pass. Unset: true for a local teacher, false for one at an endpoint.
-    force_format: Optional[bool] = None
+class Scaffold:
+    """distill.scaffold: what steers a small teacher toward the prompt set's labels (docs/method.md)."""
     # Tell the teacher each prompt's expected mode (in the system turn SFT drops) and end its analysis on
     # that decision: a teacher too small to apply the spec then refuses where the labels say.
     mode_hint: bool = False
@@ -118,6 +110,24 @@ class Distill(Sampled):
     # An answer cut by answer_tokens is kept up to its last full sentence (a finished answer that SFT
     # teaches to end) instead of being dropped as truncated.
     trim_truncated: bool = False
+    # k by expected mode, e.g. {comply: 1}: where the judge keeps one completion of a prompt, a second
+    # is only a spare, and its sampling costs as much as a kept one.
+    samples_by_mode: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+SCAFFOLD_KEYS = tuple(f.name for f in dataclasses.fields(Scaffold))
+
+
+@dataclasses.dataclass
+class Distill(Sampled):
+    samples_per_prompt: int = 2  # k completions per prompt
+    cot_tokens: int = 128  # limit for the analysis
+    answer_tokens: int = 128  # limit for the final answer
+    # Write the delimiter ourselves and sample the answer in a second pass, so a small model's completions
+    # have both parts; false: one pass. Unset: true for a local teacher, false for one at an endpoint.
+    force_format: Optional[bool] = None
+    # How a teacher too small to apply the spec is guided (label-guided distillation); all off by default.
+    scaffold: Scaffold = dataclasses.field(default_factory=Scaffold)
     temperature: float = 0.8
     top_k: int = 0
     top_p: float = 0.95
@@ -336,6 +346,8 @@ def _build(cls, values: dict, prefix: str, source: str, base=None):
         if key not in hints:
             close = difflib.get_close_matches(str(key), list(hints), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            if cls is Distill and key in SCAFFOLD_KEYS:
+                hint = f" (it moved to distill.scaffold.{key})"
             raise UserError(f"{source}: unknown config key {prefix}{key}{hint}")
         hint = hints[key]
         optional = [h for h in typing.get_args(hint) if dataclasses.is_dataclass(h)]
@@ -431,9 +443,10 @@ RANGES: dict[type, dict[str, tuple]] = {
     Distributed: {"num_processes": (1, None), "process_id": (0, None)},
     Prompts: {"limit": (0, None), "per_category": (0, None), "extra_per_category": (0, None)},
     Distill: {"samples_per_prompt": (1, None), "cot_tokens": (1, None), "answer_tokens": (1, None),
-              "cot_sentences": (0, None), "temperature": (0.0, None), "top_k": (0, None), "top_p": (0.0, 1.0, OPEN),
+              "temperature": (0.0, None), "top_k": (0, None), "top_p": (0.0, 1.0, OPEN),
               "min_p": (0.0, 1.0), "repetition_penalty": (0.0, None, OPEN), "batch_size": (1, None),
               "shard_size": (1, None)},
+    Scaffold: {"cot_sentences": (0, None)},
     Judge: {"runs": (1, None), "threshold": (0.0, 1.0), "best_of_n": (1, None), "batch_size": (1, None),
             "max_new_tokens": (1, None)},
     Train: {"learning_rate": (0.0, None), "warmup_steps": (0, None), "min_lr_ratio": (0.0, 1.0),
@@ -501,23 +514,25 @@ def _check_ranges(config: Config, source: str) -> None:
             raise UserError(f"{source}: config key {name}.train.lora_targets: {', '.join(unknown) or 'empty'}; "
                             f"choose from {', '.join(LORA_TARGETS)}")
     from dalign_jax.data.spec import MODES
-    by_mode = {"distill.cot_conclusion": config.distill.cot_conclusion,
-               "distill.answer_prefix": config.distill.answer_prefix,
-               "distill.answer_sentences": config.distill.answer_sentences,
+    scaffold = config.distill.scaffold
+    by_mode = {"distill.scaffold.cot_conclusion": scaffold.cot_conclusion,
+               "distill.scaffold.answer_prefix": scaffold.answer_prefix,
+               "distill.scaffold.answer_sentences": scaffold.answer_sentences,
                "judge.best_of_n_by_mode": config.judge.best_of_n_by_mode,
-               "distill.samples_by_mode": config.distill.samples_by_mode}
+               "distill.scaffold.samples_by_mode": scaffold.samples_by_mode}
     for key, values in by_mode.items():
         unknown = sorted(set(values) - set(MODES))
         if unknown:
             raise UserError(f"{source}: config key {key}: {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    for mode, template in config.distill.cot_conclusion.items():
-        _check_template(source, f"distill.cot_conclusion.{mode}", template, category="C", sections="C-1")
-    if config.distill.analysis_template:
-        _check_template(source, "distill.analysis_template", config.distill.analysis_template, request="R")
-        if not (config.distill.mode_hint and config.distill.force_format):
-            raise UserError(f"{source}: config key distill.analysis_template: needs distill.mode_hint and "
-                            "distill.force_format (the decision it ends on is the prompt's expected mode)")
-    for key in ("distill.answer_sentences", "judge.best_of_n_by_mode", "distill.samples_by_mode"):
+    for mode, template in scaffold.cot_conclusion.items():
+        _check_template(source, f"distill.scaffold.cot_conclusion.{mode}", template, category="C", sections="C-1")
+    if scaffold.analysis_template:
+        _check_template(source, "distill.scaffold.analysis_template", scaffold.analysis_template, request="R")
+        if not (scaffold.mode_hint and config.distill.force_format):
+            raise UserError(f"{source}: config key distill.scaffold.analysis_template: needs "
+                            "distill.scaffold.mode_hint and distill.force_format (the decision it ends on is the "
+                            "prompt's expected mode)")
+    for key in ("distill.scaffold.answer_sentences", "judge.best_of_n_by_mode", "distill.scaffold.samples_by_mode"):
         for mode, count in by_mode[key].items():
             if count < 1:
                 raise UserError(f"{source}: config key {key}.{mode}: must be at least 1, got {count!r}")
@@ -532,7 +547,8 @@ def _check_ranges(config: Config, source: str) -> None:
 
 # Distill keys that steer a teacher token by token (a second sampling pass after text we write): an
 # endpoint teacher writes its analysis and answer in one reply, so these are refused for it.
-TOKEN_LEVEL_DISTILL_KEYS = ("force_format", "cot_sentences", "cot_conclusion", "analysis_template", "answer_prefix")
+TOKEN_LEVEL_DISTILL_KEYS = ("force_format", "scaffold.cot_sentences", "scaffold.cot_conclusion",
+                            "scaffold.analysis_template", "scaffold.answer_prefix")
 
 
 def _check_endpoints(config: Config, source: str) -> None:
@@ -543,7 +559,8 @@ def _check_endpoints(config: Config, source: str) -> None:
                             f"got {ref.endpoint!r}")
     if isinstance(config.models.teacher, Endpoint):
         for key in TOKEN_LEVEL_DISTILL_KEYS:
-            if getattr(config.distill, key):
+            section, _, name = key.rpartition(".")
+            if getattr(config.distill.scaffold if section else config.distill, name):
                 raise UserError(f"{source}: config key distill.{key}: needs token-level control of the teacher, "
                                 "which a teacher at an endpoint does not give (it writes analysis and answer in "
                                 "one reply); remove the key" + (" or set it to false" if key == "force_format" else ""))

@@ -368,7 +368,7 @@ def test_a_reply_without_logprobs_in_score_mode_is_a_clear_error(model_dir, tmp_
 
 @pytest.mark.parametrize("override, message", [
     ("distill.force_format=true", "distill.force_format: needs token-level control"),
-    ("distill.answer_prefix={refuse: 'No'}", "distill.answer_prefix: needs token-level control"),
+    ("distill.scaffold.answer_prefix={refuse: 'No'}", "distill.scaffold.answer_prefix: needs token-level control"),
     ("models.teacher.endpoint=localhost:8000", "models.teacher.endpoint: expected an http"),
     ("models.teacher.max_concurrency=0", "models.teacher.max_concurrency: must be at least 1"),
 ])

@@ -77,9 +77,9 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
     assert hinted[0]["content"].startswith(plain[0]["content"]) and "ideal response to this request: refuse" in \
         hinted[0]["content"] and "ideal response" not in plain[0]["content"]
 
-    config = load_config(mini_run, ["distill.mode_hint=true", "distill.answer_prefix.comply=Sure thing. Here",
-                                    "distill.answer_sentences.comply=1",
-                                    "distill.cot_conclusion.comply=Under {category}, {sections} allow it."])
+    config = load_config(mini_run, ["distill.scaffold.mode_hint=true", "distill.scaffold.answer_prefix.comply=Sure thing. Here",
+                                    "distill.scaffold.answer_sentences.comply=1",
+                                    "distill.scaffold.cot_conclusion.comply=Under {category}, {sections} allow it."])
     summary = run_distill(config)
     records = [json.loads(x) for f in sorted((config.run_path / "distill").glob("shard-*.jsonl"))
                for x in f.read_text().splitlines()]
@@ -98,13 +98,16 @@ def test_mode_hint_and_answer_prefix_steer_the_teacher_and_leave_no_trace_in_the
         prompt_text = "\n".join(m["content"] for m in json.loads(line)["messages"][:-1])
         assert "reviewer" not in prompt_text and "ideal response" not in prompt_text
     for override, message in [
-            ("distill.answer_prefix.maybe=x", "distill.answer_prefix: maybe"),
-            ("distill.cot_conclusion.refuse=Under {policy}.", "distill.cot_conclusion.refuse: KeyError.*placeholders are"),
+            ("distill.scaffold.answer_prefix.maybe=x", "distill.scaffold.answer_prefix: maybe"),
+            ("distill.scaffold.cot_conclusion.refuse=Under {policy}.",
+             "distill.scaffold.cot_conclusion.refuse: KeyError.*placeholders are"),
+            ("distill.mode_hint=true", r"unknown config key distill.mode_hint \(it moved to distill.scaffold.mode_hint\)"),
             ("judge.best_of_n_by_mode.maybe=2", "judge.best_of_n_by_mode: maybe"),
             ("judge.best_of_n_by_mode.refuse=0", "judge.best_of_n_by_mode.refuse: must be at least 1"),
-            ("distill.answer_sentences.refuse=0", "distill.answer_sentences.refuse: must be at least 1"),
-            ("distill.samples_by_mode.maybe=2", "distill.samples_by_mode: maybe"),
-            ("distill.samples_by_mode.refuse=0", "distill.samples_by_mode.refuse: must be at least 1")]:
+            ("distill.scaffold.answer_sentences.refuse=0",
+             "distill.scaffold.answer_sentences.refuse: must be at least 1"),
+            ("distill.scaffold.samples_by_mode.maybe=2", "distill.scaffold.samples_by_mode: maybe"),
+            ("distill.scaffold.samples_by_mode.refuse=0", "distill.scaffold.samples_by_mode.refuse: must be at least 1")]:
         with pytest.raises(UserError, match=message):
             load_config(mini_run, [override])
 
@@ -116,9 +119,9 @@ def test_analysis_template_writes_the_analysis_and_the_teacher_only_the_answer(m
     generate = Sampler.generate
     monkeypatch.setattr(Sampler, "generate", lambda self, params, rows, limit, *a, **k:
                         passes.append(limit) or generate(self, params, rows, limit, *a, **k))
-    config = load_config(mini_run, ["distill.mode_hint=true", "distill.answer_prefix.comply=Sure.",
-                                    "distill.analysis_template='The user asks: \"{request}\"'",  # YAML quotes
-                                    "distill.cot_conclusion.comply=Under {category}, {sections} allow it."])
+    config = load_config(mini_run, ["distill.scaffold.mode_hint=true", "distill.scaffold.answer_prefix.comply=Sure.",
+                                    "distill.scaffold.analysis_template='The user asks: \"{request}\"'",  # YAML quotes
+                                    "distill.scaffold.cot_conclusion.comply=Under {category}, {sections} allow it."])
     run_distill(config)
     records = [json.loads(x) for f in sorted((config.run_path / "distill").glob("shard-*.jsonl"))
                for x in f.read_text().splitlines()]
@@ -130,16 +133,16 @@ def test_analysis_template_writes_the_analysis_and_the_teacher_only_the_answer(m
         assert r["completion"].startswith(r["cot"] + "\n### Final answer\nSure.")
         assert r["decision"] == "comply" and r["sampling"]["analysis_template"] == 'The user asks: "{request}"'
     for override, message in [
-            ("distill.analysis_template=Asks {prompt}", "distill.analysis_template: KeyError.*placeholder is {request}"),
-            ("distill.mode_hint=false", "distill.analysis_template: needs distill.mode_hint")]:
+            ("distill.scaffold.analysis_template=Asks {prompt}", "distill.scaffold.analysis_template: KeyError.*placeholder is {request}"),
+            ("distill.scaffold.mode_hint=false", "distill.scaffold.analysis_template: needs distill.scaffold.mode_hint")]:
         with pytest.raises(UserError, match=message):
-            load_config(mini_run, ["distill.mode_hint=true", "distill.analysis_template=Asks {request}", override])
+            load_config(mini_run, ["distill.scaffold.mode_hint=true", "distill.scaffold.analysis_template=Asks {request}", override])
 
 
 def test_samples_by_mode_sets_each_prompts_completions_and_fills_batches_by_rows(mini_run):
     from dalign_jax.stages.distill import samples_for
 
-    config = load_config(mini_run, ["distill.samples_by_mode.comply=3", "distill.shard_size=3"])
+    config = load_config(mini_run, ["distill.scaffold.samples_by_mode.comply=3", "distill.shard_size=3"])
     assert samples_for(config.distill, type("P", (), {"expected_mode": "refuse"})) == 2  # samples_per_prompt
     summary = run_distill(config)
     records = [json.loads(x) for f in sorted((config.run_path / "distill").glob("shard-*.jsonl"))

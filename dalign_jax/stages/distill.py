@@ -52,9 +52,9 @@ def listed(items: list[str]) -> str:
 
 
 def cot_conclusion(spec: Spec, prompt, distill: Distill) -> str:
-    """`distill.cot_conclusion` for the prompt's expected mode, naming its policy and that policy's
+    """`distill.scaffold.cot_conclusion` for the prompt's expected mode, naming its policy and that policy's
     sections for the mode ("" when there is none)."""
-    template = distill.cot_conclusion.get(prompt.expected_mode)
+    template = distill.scaffold.cot_conclusion.get(prompt.expected_mode)
     if not template:
         return ""
     policy = spec.policy(prompt.category)
@@ -63,17 +63,17 @@ def cot_conclusion(spec: Spec, prompt, distill: Distill) -> str:
 
 
 def templated_analysis(spec: Spec, prompt, distill: Distill) -> str:
-    """The analysis `distill.analysis_template` writes for a prompt with an expected mode: the template
+    """The analysis `distill.scaffold.analysis_template` writes for a prompt with an expected mode: the template
     on the request, the conclusion, the decision (what end_on_decision makes of a sampled analysis)."""
     request = prompt.chat()[-1]["content"]
-    lines = [f"{COT_PREFIX} {distill.analysis_template.format(request=request)}", cot_conclusion(spec, prompt, distill),
+    lines = [f"{COT_PREFIX} {distill.scaffold.analysis_template.format(request=request)}", cot_conclusion(spec, prompt, distill),
              f"Decision: {prompt.expected_mode}"]
     return "\n".join(line for line in lines if line)
 
 
 def samples_for(distill: Distill, prompt) -> int:
     """How many completions the teacher writes for the prompt (`samples_by_mode`, else `samples_per_prompt`)."""
-    return distill.samples_by_mode.get(prompt.expected_mode, distill.samples_per_prompt)
+    return distill.scaffold.samples_by_mode.get(prompt.expected_mode, distill.samples_per_prompt)
 
 
 def distill_prompt_ids(tokenizer, spec: Spec, prompt, mode_hint: bool = False) -> list[int]:
@@ -88,7 +88,7 @@ def completion_record(config: Config, spec: Spec, model_id: str, prompt, sample:
     head, sep, answer = text.partition(ANSWER_DELIMITER)
     trimmed = False
     if sep:
-        kept, done = trim_answer(answer, done, d.answer_sentences.get(prompt.expected_mode, 0), d.trim_truncated)
+        kept, done = trim_answer(answer, done, d.scaffold.answer_sentences.get(prompt.expected_mode, 0), d.scaffold.trim_truncated)
         trimmed, text = len(kept) < len(answer), head + sep + kept
     parsed = parse_completion(text, finished=done)
     return {
@@ -100,11 +100,11 @@ def completion_record(config: Config, spec: Spec, model_id: str, prompt, sample:
         "spec_version": spec.version, "model_id": model_id,
         "sampling": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
                      "cot_tokens": d.cot_tokens, "answer_tokens": d.answer_tokens,
-                     "force_format": d.force_format, "mode_hint": d.mode_hint,
-                     "cot_sentences": d.cot_sentences, "cot_conclusion": d.cot_conclusion,
-                     "analysis_template": d.analysis_template,
-                     "answer_prefix": d.answer_prefix,
-                     "answer_sentences": d.answer_sentences, "trim_truncated": d.trim_truncated,
+                     "force_format": d.force_format, "mode_hint": d.scaffold.mode_hint,
+                     "cot_sentences": d.scaffold.cot_sentences, "cot_conclusion": d.scaffold.cot_conclusion,
+                     "analysis_template": d.scaffold.analysis_template,
+                     "answer_prefix": d.scaffold.answer_prefix,
+                     "answer_sentences": d.scaffold.answer_sentences, "trim_truncated": d.scaffold.trim_truncated,
                      "seed": config.seed},
     }
 
@@ -120,7 +120,7 @@ def _remote_shard_records(config: Config, spec: Spec, teacher, prompts, shard: i
     d = config.distill
     extra = {name: value for name, value, off in (("top_k", d.top_k, 0), ("min_p", d.min_p, 0.0),
                                                  ("repetition_penalty", d.repetition_penalty, 1.0)) if value != off}
-    requests = [dict({"messages": distill_messages(spec, p, d.mode_hint), "n": samples_for(d, p),
+    requests = [dict({"messages": distill_messages(spec, p, d.scaffold.mode_hint), "n": samples_for(d, p),
                       "temperature": d.temperature, "top_p": d.top_p, "max_tokens": d.cot_tokens + d.answer_tokens,
                       "seed": request_seed(config.seed, shard, p.id)}, **({"extra_body": extra} if extra else {}))
                 for p in prompts]
@@ -152,13 +152,13 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
     records = []
     tok = model.tokenizer
     for b, batch in enumerate(batches):
-        ids = [distill_prompt_ids(tok, spec, p, d.mode_hint) for p in batch]
+        ids = [distill_prompt_ids(tok, spec, p, d.scaffold.mode_hint) for p in batch]
         counts = [samples_for(d, p) for p in batch]
         rows = [x for x, k in zip(ids, counts) for _ in range(k)]
         row_prompts = [p for p, k in zip(batch, counts) for _ in range(k)]
         row_samples = [i for k in counts for i in range(k)]
         key_b = jax.random.fold_in(key, b)
-        templated = bool(d.analysis_template) and all(p.expected_mode for p in batch)
+        templated = bool(d.scaffold.analysis_template) and all(p.expected_mode for p in batch)
         if templated:  # no analysis to sample: the answer pass below is the teacher's only one
             texts, finished = [""] * len(rows), [True] * len(rows)
         else:
@@ -168,11 +168,11 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
             finished = [bool(s) for s in out.stopped]
         if d.force_format:
             cots = [t.partition(ANSWER_DELIMITER)[0].rstrip() for t in texts]
-            if d.mode_hint:
-                cots = [(templated_analysis(spec, p, d) if d.analysis_template else
-                         end_on_decision(c, p.expected_mode, d.cot_sentences, cot_conclusion(spec, p, d)))
+            if d.scaffold.mode_hint:
+                cots = [(templated_analysis(spec, p, d) if d.scaffold.analysis_template else
+                         end_on_decision(c, p.expected_mode, d.scaffold.cot_sentences, cot_conclusion(spec, p, d)))
                         if p.expected_mode else c for c, p in zip(cots, row_prompts)]
-            starts = [f"{c}\n{ANSWER_DELIMITER}\n{d.answer_prefix.get(p.expected_mode, '')}"
+            starts = [f"{c}\n{ANSWER_DELIMITER}\n{d.scaffold.answer_prefix.get(p.expected_mode, '')}"
                       for c, p in zip(cots, row_prompts)]
             answer_rows = [r + tok.encode(s[len(COT_PREFIX):], add_special_tokens=False) for r, s in zip(rows, starts)]
             answers = sampler.generate(params, answer_rows, d.answer_tokens, jax.random.fold_in(key_b, 1 << 20),
