@@ -50,8 +50,8 @@ class Models:
 @dataclasses.dataclass
 class MeshConfig:
     data: int = -1  # -1: the devices left over by the other axes
-    fsdp: int = 1
-    tensor: int = 1
+    fsdp: int = 1  # batch, and parameters split along their hidden dimension
+    tensor: int = 1  # parameters split along heads, MLP width and vocabulary
     devices: int = 0  # use the first n devices (single process only); 0: all of them
 
 
@@ -59,14 +59,14 @@ class MeshConfig:
 class Distributed:
     enabled: bool = False  # join processes with jax.distributed.initialize
     coordinator: Optional[str] = None  # host:port; None: from the environment / cluster
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    num_processes: Optional[int] = None  # None: from the environment / cluster
+    process_id: Optional[int] = None  # None: from the environment / cluster
 
 
 @dataclasses.dataclass
 class Prompts:
     path: str = "specs/prompts/safety_prompts.jsonl"  # our JSONL, or an AdvBench / StrongREJECT CSV
-    split: Literal["train", "heldout", "all"] = "train"
+    split: Literal["train", "heldout", "all"] = "train"  # the prompt set's split by a hash of each prompt's id
     limit: int = 0  # 0: every prompt; n: the first n (for quick runs)
     per_category: int = 0  # 0: every prompt; n: n of each category, its expected modes in turn (smaller runs)
     # More prompt sets for training only, each added after `path`'s split and never held out: our
@@ -128,10 +128,10 @@ class Distill(Sampled):
     force_format: Optional[bool] = None
     # How a teacher too small to apply the spec is guided (label-guided distillation); all off by default.
     scaffold: Scaffold = dataclasses.field(default_factory=Scaffold)
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 0.95
-    min_p: float = 0.0
+    temperature: float = 0.8  # sampling temperature (0: greedy)
+    top_k: int = 0  # 0: off
+    top_p: float = 0.95  # nucleus sampling; 1: off
+    min_p: float = 0.0  # tokens at least this share of the likeliest one's probability; 0: off
     repetition_penalty: float = 1.0  # transformers' (1: off): logits of tokens already in the row shrunk
     batch_size: int = 16  # prompts per sampler call (times samples_per_prompt rows)
     shard_size: int = 32  # prompts per output shard: the unit of resume
@@ -150,7 +150,7 @@ class Judge:
     # Also drop, by the rule grader, answers whose mode contradicts the expected one: a refusal where
     # compliance is expected, no refusal where one is, no supportive answer where a safe completion is.
     require_expected_mode: bool = False
-    batch_size: int = 8
+    batch_size: int = 8  # judge inputs per forward pass
     max_new_tokens: int = 48  # generate mode only
 
 
@@ -158,11 +158,11 @@ class Judge:
 class Train:
     """The optimiser and loop shared by SFT and RL."""
     learning_rate: float = 1e-5  # peak, after warm-up; cosine decay to min_lr_ratio of it
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10  # linear warm-up from 0
+    min_lr_ratio: float = 0.1  # the cosine decay ends at this share of learning_rate
     weight_decay: float = 0.0  # AdamW; not applied to norms
-    b1: float = 0.9
-    b2: float = 0.95
+    b1: float = 0.9  # Adam's first-moment decay
+    b2: float = 0.95  # Adam's second-moment decay
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0: no clipping
     grad_accum: int = 1  # micro-batches per optimiser step
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights stay float32
@@ -170,15 +170,15 @@ class Train:
     # ZeRO-1: the optimiser's moments and update split over the data axis too (each replica updates its
     # share, then the parameters are gathered); false: every replica updates all of them.
     shard_optimizer: bool = True
-    log_every: int = 1
+    log_every: int = 1  # steps between metrics rows (SFT; RL logs every step)
     save_every: int = 50  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest n checkpoints are kept
     peak_flops: float = 0.0  # for MFU; 0: measure a matmul in models.matmul_dtype on the first device at start
     # LoRA: 0 trains every parameter; r > 0 trains rank-r adapters on `lora_targets` only (the
     # optimiser state and checkpoints hold the adapters; the export is merged into full weights).
     lora_rank: int = 0
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
-    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))  # what LoRA adapts
 
 
 @dataclasses.dataclass
@@ -193,8 +193,8 @@ class SFT:
     packing: bool = False
     batch_size: int = 4  # sequences per micro-batch (global, over all processes)
     steps: int = 0  # optimiser steps; 0: `epochs` passes over the training examples
-    epochs: float = 1.0
-    eval_every: int = 50
+    epochs: float = 1.0  # passes over the training examples, where steps is 0
+    eval_every: int = 50  # steps between held-out evaluations (and one at the end)
     # NEFTune (TRL's neftune_noise_alpha; its paper uses 5): training steps add uniform noise of
     # alpha / sqrt(row length x hidden size) to the input embeddings; held-out loss sees none. 0: off.
     neftune_alpha: float = 0.0
@@ -205,14 +205,14 @@ class SFT:
 @dataclasses.dataclass
 class RL(Sampled):
     init: str = ""  # the starting policy (and KL reference): "" -> run_dir/sft/export if it exists, else models.policy
-    steps: int = 20
-    prompts_per_step: int = 2
+    steps: int = 20  # optimiser steps (times updates_per_rollout)
+    prompts_per_step: int = 2  # prompts whose rollouts make one step's batch
     group_size: int = 4  # G completions per prompt
     max_new_tokens: int = 64  # analysis and answer together
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    temperature: float = 1.0  # rollout sampling temperature
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     # As distill's (TRL's GRPOConfig has it too); the old log-probabilities logged are the model's own.
     repetition_penalty: float = 1.0
     # Reward name -> weight (registered in dalign_jax/rl/rewards.py): judge (final answer only),
@@ -229,12 +229,12 @@ class RL(Sampled):
     # geometric mean of its tokens' (GSPO; its paper clips at about 3e-4 and 4e-4).
     importance_sampling: Literal["token", "sequence"] = "token"
     clip_low: float = 0.2  # PPO ratio clipped to [1 - clip_low, 1 + clip_high]
-    clip_high: float = 0.28
+    clip_high: float = 0.28  # the upper clip (DAPO's clip-higher: above clip_low)
     kl_coef: float = 0.02  # k3 estimate of KL(policy || reference)
     # Every ref_sync_every steps reference <- mix * policy + (1 - mix) * reference (TRL's sync_ref_model);
     # 0: the reference stays the starting policy.
     ref_sync_every: int = 0
-    ref_sync_mix: float = 0.6
+    ref_sync_mix: float = 0.6  # the policy's share in each reference sync
     updates_per_rollout: int = 1  # optimiser steps on each batch of rollouts (PPO epochs); above 1 the clip acts
     # The sampler's own mesh (data, fsdp, tensor, devices), as Tunix gives rollouts their own: null
     # samples on the training mesh. The weights are copied onto it before each rollout.
@@ -255,8 +255,8 @@ class Eval:
     strongreject: str = ""  # path of the StrongREJECT CSV; "": not evaluated
     limit: int = 0  # at most this many prompts per set, taken in turn from each category (0: all)
     jailbreak_prompts: int = 8  # disallowed prompts per set wrapped in every jailbreak template
-    max_new_tokens: int = 128
-    batch_size: int = 32
+    max_new_tokens: int = 128  # answer length
+    batch_size: int = 32  # prompts per sampler call
     judge_grader: bool = True  # also grade with the judge model and the spec (beside the rule grader)
     # StrongREJECT's rubric (refused, convincing, specific) by the judge model on answers to disallowed
     # and jailbreak prompts: three more judge passes over those rows.
@@ -265,9 +265,9 @@ class Eval:
 
 @dataclasses.dataclass
 class Config:
-    run_dir: str = "runs/default"
-    spec_dir: str = "specs"
-    seed: int = 0
+    run_dir: str = "runs/default"  # where every stage writes
+    spec_dir: str = "specs"  # the spec: manifest.yaml and one Markdown file per category
+    seed: int = 0  # all sampling randomness derives from it
     # Modules (dotted names from the working directory, or .py paths) imported first, so that their
     # @register("name") rewards, advantages and aggregations can be named in the rl section.
     plugins: list[str] = dataclasses.field(default_factory=list)

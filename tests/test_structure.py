@@ -84,6 +84,8 @@ def config_keys(cls, prefix: str = "") -> set[str]:
         key = f"{prefix}{field.name}"
         if sections and sections[0] is not Endpoint:
             keys |= config_keys(sections[0], key + ".")
+            if type(None) in typing.get_args(hint):  # an optional section is a key of its own (null: off)
+                keys.add(key)
             continue
         keys.add(key)
         if sections:
@@ -115,7 +117,15 @@ def documented_keys(text: str) -> set[str]:
     return keys
 
 
-def test_configuration_doc_names_every_key_and_no_other():
+def test_configuration_doc_is_generated_from_the_config():
+    """docs/configuration.md is what tools/config_doc.py writes from the code, and names every key."""
+    import sys
+
+    sys.path.insert(0, str(PACKAGE.parent / "tools"))
+    from config_doc import render
+
+    assert (PACKAGE.parent / "docs" / "configuration.md").read_text() == render(), \
+        "docs/configuration.md differs from the config: run python tools/config_doc.py"
     from dalign_jax.config import Config
 
     code = config_keys(Config)
