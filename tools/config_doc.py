@@ -76,7 +76,8 @@ def type_name(hint) -> str:
         return "endpoint" if hint.__name__ == "Endpoint" else "section"
     if hint is typing.Any:
         return "any"
-    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(hint, getattr(hint, "__name__", str(hint)))
+    names = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def default_text(value) -> str:
