@@ -52,8 +52,8 @@ def listed(items: list[str]) -> str:
 
 
 def cot_conclusion(spec: Spec, prompt, distill: Distill) -> str:
-    """`distill.scaffold.cot_conclusion` for the prompt's expected mode, naming its policy and that policy's
-    sections for the mode ("" when there is none)."""
+    """`distill.scaffold.cot_conclusion` for the prompt's expected mode, naming its policy and that
+    policy's sections for the mode ("" when there is none)."""
     template = distill.scaffold.cot_conclusion.get(prompt.expected_mode)
     if not template:
         return ""
@@ -63,11 +63,11 @@ def cot_conclusion(spec: Spec, prompt, distill: Distill) -> str:
 
 
 def templated_analysis(spec: Spec, prompt, distill: Distill) -> str:
-    """The analysis `distill.scaffold.analysis_template` writes for a prompt with an expected mode: the template
-    on the request, the conclusion, the decision (what end_on_decision makes of a sampled analysis)."""
+    """The analysis `distill.scaffold.analysis_template` writes for a prompt with an expected mode: the
+    template on the request, the conclusion, the decision (what end_on_decision makes of a sampled analysis)."""
     request = prompt.chat()[-1]["content"]
-    lines = [f"{COT_PREFIX} {distill.scaffold.analysis_template.format(request=request)}", cot_conclusion(spec, prompt, distill),
-             f"Decision: {prompt.expected_mode}"]
+    lines = [f"{COT_PREFIX} {distill.scaffold.analysis_template.format(request=request)}",
+             cot_conclusion(spec, prompt, distill), f"Decision: {prompt.expected_mode}"]
     return "\n".join(line for line in lines if line)
 
 
@@ -88,7 +88,9 @@ def completion_record(config: Config, spec: Spec, model_id: str, prompt, sample:
     head, sep, answer = text.partition(ANSWER_DELIMITER)
     trimmed = False
     if sep:
-        kept, done = trim_answer(answer, done, d.scaffold.answer_sentences.get(prompt.expected_mode, 0), d.scaffold.trim_truncated)
+        scaffold = d.scaffold
+        kept, done = trim_answer(answer, done, scaffold.answer_sentences.get(prompt.expected_mode, 0),
+                                 scaffold.trim_truncated)
         trimmed, text = len(kept) < len(answer), head + sep + kept
     parsed = parse_completion(text, finished=done)
     return {
@@ -104,7 +106,8 @@ def completion_record(config: Config, spec: Spec, model_id: str, prompt, sample:
                      "cot_sentences": d.scaffold.cot_sentences, "cot_conclusion": d.scaffold.cot_conclusion,
                      "analysis_template": d.scaffold.analysis_template,
                      "answer_prefix": d.scaffold.answer_prefix,
-                     "answer_sentences": d.scaffold.answer_sentences, "trim_truncated": d.scaffold.trim_truncated,
+                     "answer_sentences": d.scaffold.answer_sentences,
+                     "trim_truncated": d.scaffold.trim_truncated,
                      "seed": config.seed},
     }
 
