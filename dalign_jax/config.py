@@ -45,6 +45,9 @@ class Models:
     # true: the layers stacked and run as one lax.scan, so compile time does not grow with depth
     # (GPUs, TPUs); false: unrolled, faster on a CPU. Same results.
     scan_layers: bool = False
+    # The samplers' own copy of the weights (distill, judge, RL rollouts, eval); training keeps float32
+    # masters. bfloat16 computes in it; int8: the layers' matrices with a scale per column.
+    sample_dtype: Literal["float32", "bfloat16", "int8"] = "float32"
 
 
 @dataclasses.dataclass

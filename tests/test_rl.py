@@ -296,6 +296,21 @@ def test_rollouts_on_their_own_mesh_sample_the_current_weights(mini_run, monkeyp
                                       "rl.rollout_mesh.devices=9"]))
 
 
+def test_narrow_rollout_weights_show_in_the_logprob_gap(mini_run, monkeypatch):
+    """Rollouts sampled from a bfloat16 copy (`models.sample_dtype`) while training keeps float32: the
+    gap between the sampler's and the trainer's log-probabilities says what the narrower copy costs."""
+    import dalign_jax.stages.rl as rl_stage
+
+    draw = np.random.default_rng(0)
+    monkeypatch.setattr(rl_stage, "total_rewards", lambda ctx, weights, rollouts, malformed: (
+        draw.normal(size=len(rollouts)).astype(np.float32), {}))
+    config = load_config(mini_run, ["rl.steps=1", "rl.prompts_per_step=1", "rl.group_size=4", "rl.max_new_tokens=8",
+                                    "mesh.devices=1", "models.sample_dtype=bfloat16"])
+    run_rl(config)
+    row = json.loads((config.run_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 1e-4 < row["logprob_gap"] < 1.0 and np.isfinite(row["loss"])
+
+
 def _text_rewards(ctx, weights, rollouts, malformed):
     """Rewards drawn from each completion's text (the tiny model's never parse, so real ones would all
     be equal): the same rollouts get the same rewards in every run."""

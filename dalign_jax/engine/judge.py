@@ -97,7 +97,7 @@ class JudgeEngine(DigitJudge):
         pad = self.model.tokenizer.pad_token_id or 0
         self.prefill, self.score_ids = score_tokens(self.model.tokenizer, SCORE_PREFILL, SCALE)
         self.scorer = Scorer(self.model.cfg, mesh, self.score_ids, pad_id=pad)
-        self.sampler = Sampler(self.model.cfg, mesh, pad_id=pad)
+        self.sampler = Sampler(self.model.cfg, mesh, pad_id=pad, weights=m.sample_dtype)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         from dalign_jax.engine.chat import encode_chat

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from dalign_jax.errors import UserError
 from dalign_jax.model.config import ModelConfig
-from dalign_jax.model.transformer import KVCache, forward, prefill_prefix
+from dalign_jax.model.transformer import KVCache, forward, prefill_prefix, quantize_int8
 from dalign_jax.parallel import mesh as mesh_lib
 
 # At most about 1.5x apart (1.25x above 512 tokens, where judge inputs live): a prompt is padded by at
@@ -30,6 +30,9 @@ from dalign_jax.parallel import mesh as mesh_lib
 PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072,
                   4096, 5120, 6144, 8192, 10240, 12288, 16384, 20480, 24576, 32768)
 NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+SAMPLE_DTYPES = ("float32", "bfloat16", "int8")  # the sampler's copy of the weights (models.sample_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,9 +290,15 @@ class Sampler:
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh, pad_id: int = 0,
                  prompt_buckets: Sequence[int] = PROMPT_BUCKETS, new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS,
-                 prefix_min_tokens: int = 256):
+                 prefix_min_tokens: int = 256, weights: str = "float32"):
         """Prompts of one call that share at least `prefix_min_tokens` leading tokens get that prefix
-        computed once (and cached across calls); 0 switches prefix sharing off."""
+        computed once (and cached across calls); 0 switches prefix sharing off. `weights`: the dtype
+        of the sampler's own copy of the weights (`models.sample_dtype`): float32 (the caller's),
+        bfloat16 (computing in it), or int8 (the layers' matrices, a scale per column; float32 compute)."""
+        if weights not in SAMPLE_DTYPES:
+            raise UserError(f"sampler: weights {weights!r}; choose from {', '.join(SAMPLE_DTYPES)}")
+        self.weights = weights
+        self._narrowed = None  # (the caller's params, their narrow copy)
         self.cfg = cfg
         self.mesh = mesh
         self.pad_id = pad_id
@@ -298,6 +307,21 @@ class Sampler:
         self.prefixes = PrefixCache(cfg, self.prompt_buckets, pad_id, prefix_min_tokens)
         self.compile_count = 0
         self._compiled = {}
+
+    def narrow(self, params):
+        """`params` on this sampler's mesh, in its weights' dtype: made once per parameter tree (a
+        distill stage's every call reuses it; RL makes one per step from the new weights)."""
+        if self._narrowed is not None and self._narrowed[0] is params:
+            return self._narrowed[1]
+        placed = jax.device_put(params, mesh_lib.param_shardings(params, self.mesh))
+        if self.weights == "float32":
+            return placed
+        cast = quantize_int8 if self.weights == "int8" else (
+            lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, p))
+        shape = jax.eval_shape(cast, placed)
+        narrow = jax.jit(cast, out_shardings=mesh_lib.param_shardings(shape, self.mesh))(placed)
+        self._narrowed = (params, narrow)
+        return narrow
 
     def _count_trace(self):
         self.compile_count += 1
@@ -344,7 +368,7 @@ class Sampler:
             [list(stop_tokens)] * n
         if len(per_row_stops) != n:
             raise UserError(f"sampler: {len(per_row_stops)} stop lists for {n} prompts")
-        params = jax.device_put(params, mesh_lib.param_shardings(params, self.mesh))
+        params = self.narrow(params)
         prefix, shared, own = self.prefixes.split(params, prompts)
         prompt_len = bucket(max(len(p) for p in own), self.prompt_buckets, "prompt length")
         new_slots = bucket(int(limits.max()), self.new_token_buckets, "max_new_tokens")

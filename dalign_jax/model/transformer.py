@@ -179,10 +179,34 @@ linear_bf16_t = _bf16_linear("...i,oi->...o", "...o,oi->...i", "...o,...i->oi")
 
 def projection(cfg: ModelConfig, dtype):
     """x @ w for the layer's weights: in `dtype` (the weights cast to it), or with
-    `cfg.matmul_dtype` bfloat16 through `linear_bf16` (whose result is in x's dtype already)."""
-    if cfg.matmul_dtype == "bfloat16":
-        return linear_bf16
-    return lambda x, w: linear(x, w.astype(dtype))
+    `cfg.matmul_dtype` bfloat16 through `linear_bf16` (whose result is in x's dtype already). A weight
+    may be int8 with a scale per output column (`quantize_int8`, the sampler's narrow copy)."""
+    plain = linear_bf16 if cfg.matmul_dtype == "bfloat16" else (lambda x, w: linear(x, w.astype(dtype)))
+
+    def mm(x, w):
+        if isinstance(w, dict):  # {"int8": [in, out], "scale": [out]}: the scale applies after the sum
+            return plain(x, w["int8"].astype(x.dtype)) * w["scale"].astype(x.dtype)
+        return plain(x, w)
+
+    return mm
+
+
+INT8_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def quantize_int8(params: Params) -> Params:
+    """The layers' projection matrices as int8 with a float32 scale per output column (symmetric,
+    weight-only: activations stay in their dtype); norms, biases and embeddings unchanged."""
+    def quantize(w):
+        scale = jnp.maximum(jnp.abs(w).max(axis=-2), 1e-12) / 127.0  # per output column
+        q = jnp.clip(jnp.round(w / scale[..., None, :]), -127, 127).astype(jnp.int8)
+        return {"int8": q, "scale": scale.astype(jnp.float32)}
+
+    def layer(lp):
+        return {k: quantize(v) if k in INT8_WEIGHTS else v for k, v in lp.items()}
+
+    layers = params["layers"]
+    return dict(params, layers=layer(layers) if isinstance(layers, dict) else [layer(lp) for lp in layers])
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: bool = False) -> jax.Array:

@@ -33,6 +33,11 @@ PARAM_RULES: list[tuple[str, P]] = [
     (r"^layers/\d+/(wq|wk|wv|w_gate|w_up)/b$", P(None, "tensor")),
     (r"^layers/\d+/(wo|w_down)/a$", P("tensor", None)),
     (r"^layers/\d+/(wo|w_down)/b$", P(None, "fsdp")),
+    # The sampler's int8 copy (quantize_int8): the matrix as before, its per-column scale like the columns.
+    (r"^layers/\d+/(wq|wk|wv|w_gate|w_up)/int8$", P("fsdp", "tensor")),
+    (r"^layers/\d+/(wq|wk|wv|w_gate|w_up)/scale$", P("tensor")),
+    (r"^layers/\d+/(wo|w_down)/int8$", P("tensor", "fsdp")),
+    (r"^layers/\d+/(wo|w_down)/scale$", P("fsdp")),
 ]
 
 

@@ -208,7 +208,7 @@ def run_distill(config: Config, force: bool = False) -> dict:
                            "prompts": section(config, "prompts"), "distill": section(config, "distill")}, force)
     if not remote:
         params = shard_params(model.params, mesh)
-        sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
+        sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0, weights=config.models.sample_dtype)
     # Shards take the prompts category by category: batches hold one category each, and a category cut
     # in two (by a shard, or an extra set after the main one) leaves one more part-filled batch.
     prompts = [p for group in grouped(prompts, lambda p: p.category) for p in group]

@@ -253,7 +253,7 @@ def run_eval(config: Config, force: bool = False) -> dict:
             params = shard_params(model.params, mesh)
             pad = model.tokenizer.pad_token_id or 0
             if (model.cfg, pad) not in samplers:
-                samplers[model.cfg, pad] = Sampler(model.cfg, mesh, pad_id=pad)
+                samplers[model.cfg, pad] = Sampler(model.cfg, mesh, pad_id=pad, weights=config.models.sample_dtype)
             sampler = samplers[model.cfg, pad]
             sampler.prefixes.clear()  # shared-prefix KV computed with the last checkpoint's weights
             for name, prompts in todo.items():

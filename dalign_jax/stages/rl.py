@@ -104,7 +104,8 @@ class Rollouts:
         self.max_new = rl.max_new_tokens
         self.sampling = rl.sampling_params()
         # Prompts carry no shared spec here, and the parameters change every step: no prefix cache.
-        self.sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0, prefix_min_tokens=0)
+        self.sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0, prefix_min_tokens=0,
+                               weights=config.models.sample_dtype)
         self.stops = stop_token_ids(model)
 
     def __call__(self, params, prompts, key):
