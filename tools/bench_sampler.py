@@ -2,7 +2,10 @@
 
 Both sample (temperature 1) exactly NEW_TOKENS tokens per row for the same chat prompts at each batch
 size. Ours is timed after one warm-up call per shape (compilation is reported separately); so is the peer.
-Last lines: RESULT sampler_b<B> ours=<tok/s> peer=<tok/s> ratio=<ours/peer>.
+`--weights` adds our sampler with narrow weights (`models.sample_dtype`: bfloat16, int8) against the peer
+in float32, and the peer in bfloat16 against ours in bfloat16.
+Last lines: RESULT sampler_b<B> ours=<tok/s> peer=<tok/s> ratio=<ours/peer> (float32 both), then
+RESULT sampler_b<B>_<weights> (ours narrow, peer float32) and RESULT sampler_b<B>_bf16_both.
 """
 from __future__ import annotations
 
@@ -62,7 +65,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--weights", default="float32", help="our sampler's weights, e.g. float32,bfloat16,int8")
     args = parser.parse_args()
+    weights = args.weights.split(",")
 
     import torch
     import transformers
@@ -73,20 +78,29 @@ def main():
                                                                  dtype=torch.float32).eval()
     mesh = make_mesh()
     params = shard_params(model.params, mesh)
-    sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0)
+    pad = model.tokenizer.pad_token_id or 0
+    samplers = {w: Sampler(model.cfg, mesh, pad_id=pad, weights=w) for w in ["float32"] + weights}
     print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}")
     results = []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = prompts_for(model.tokenizer, batch)
-        ours, compiles, compile_s = bench_ours(model, sampler, params, prompts, args.new_tokens)
-        print(f"batch {batch}: ours {ours:.1f} tok/s ({compiles} compilation(s), first call {compile_s:.1f} s)",
-              flush=True)
-        peer = bench_peer(hf_model, prompts, args.new_tokens, model.tokenizer.pad_token_id or 0)
+        ours = {}
+        for w in dict.fromkeys(["float32"] + weights):
+            ours[w], compiles, compile_s = bench_ours(model, samplers[w], params, prompts, args.new_tokens)
+            print(f"batch {batch}: ours ({w} weights) {ours[w]:.1f} tok/s ({compiles} compilation(s), first call "
+                  f"{compile_s:.1f} s)", flush=True)
+        peer = bench_peer(hf_model, prompts, args.new_tokens, pad)
         print(f"batch {batch}: peer {peer:.1f} tok/s", flush=True)
-        results.append((batch, ours, peer))
-    print(f"compile count: {sampler.compile_count}")
-    for batch, ours, peer in results:
-        print(f"RESULT sampler_b{batch} ours={ours:.1f} peer={peer:.1f} ratio={ours / peer:.2f}")
+        results.append((f"sampler_b{batch}", ours["float32"], peer))
+        results += [(f"sampler_b{batch}_{w}", ours[w], peer) for w in weights if w != "float32"]
+        if "bfloat16" in weights:
+            peer_bf16 = bench_peer(hf_model.to(torch.bfloat16), prompts, args.new_tokens, pad)
+            hf_model.to(torch.float32)
+            print(f"batch {batch}: peer in bfloat16 {peer_bf16:.1f} tok/s", flush=True)
+            results.append((f"sampler_b{batch}_bf16_both", ours["bfloat16"], peer_bf16))
+    print(f"compile count: {sum(s.compile_count for s in samplers.values())}")
+    for name, ours, peer in results:
+        print(f"RESULT {name} ours={ours:.1f} peer={peer:.1f} ratio={ours / peer:.2f}")
 
 
 if __name__ == "__main__":
