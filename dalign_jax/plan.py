@@ -172,15 +172,23 @@ def activation_items(cfg: ModelConfig, mesh: MeshShape, rows: int, length: int, 
     return items
 
 
+# The sampler's own copy of the weights (models.sample_dtype): bytes per parameter, and its KV cache's.
+SAMPLE_BYTES = {"float32": (0, 4), "bfloat16": (2, 2), "int8": (1, 4)}
+
+
 def sampler_items(cfg: ModelConfig, mesh: MeshShape, rows: int, prompt: int, new: int, prefix: int = 0,
-                  label: str = "") -> dict[str, float]:
-    """A sampler call's KV cache (float32, rows split over the batch axes), a shared prefix's cache
-    (held once), and the prefill's largest transient: one layer's projections and score tiles."""
+                  label: str = "", sample_dtype: str = "float32") -> dict[str, float]:
+    """A sampler call's KV cache (rows split over the batch axes), a shared prefix's cache (held once),
+    the prefill's largest transient (one layer's projections and score tiles), and the sampler's own
+    narrow copy of the weights where `sample_dtype` asks for one (int8 counted at a byte a parameter)."""
     from dalign_jax.model.transformer import ATTENTION_CHUNK
 
+    copy, cache = SAMPLE_BYTES[sample_dtype]
     local_rows = _split(rows, mesh.batch_shards)
-    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache
     items = {f"KV cache{label} ({rows} rows x {prompt + new} slots)": per_slot * local_rows * (prompt + new)}
+    if copy:
+        items[f"sampler's {sample_dtype} weights{label}"] = weight_bytes(cfg, mesh, copy)
     if prefix:
         items[f"shared prefix cache{label} ({prefix} tokens)"] = per_slot * prefix
     d, f = cfg.hidden_size, cfg.intermediate_size
@@ -222,12 +230,14 @@ def plan_config(config: Config, devices: int, read_config=None) -> list[StagePla
     teacher = policy if m.teacher == "" else (read_config(m.teacher) if _local(m.teacher) else None)
     judge = read_config(m.judge) if _local(m.judge) else None
     spec = spec_tokens(config)
+    sample = m.sample_dtype
     plans = []
 
     d = config.distill
     rows, new = d.batch_size * d.samples_per_prompt, d.cot_tokens + d.answer_tokens
     items = {} if teacher is None else {"teacher weights (float32)": weight_bytes(teacher, mesh),
-                                        **sampler_items(teacher, mesh, rows, PROMPT_TOKENS, new, spec)}
+                                        **sampler_items(teacher, mesh, rows, PROMPT_TOKENS, new, spec,
+                                                        sample_dtype=sample)}
     plans.append(StagePlan("distill", items, 0.0 if teacher is None else
                            _flops(teacher, rows * new, spec + PROMPT_TOKENS + new, False), "a sampler call"))
 
@@ -247,14 +257,16 @@ def plan_config(config: Config, devices: int, read_config=None) -> list[StagePla
 
     r = config.rl
     rows, length = r.prompts_per_step * r.group_size, PROMPT_TOKENS + r.max_new_tokens
-    rollout = mesh if r.rollout_mesh is None else MeshShape.of(r.rollout_mesh, devices, "rl.rollout_mesh")
+    rollout = mesh if r.rollout_mesh is None else MeshShape.of(r.rollout_mesh, r.rollout_mesh.devices or devices,
+                                                               "rl.rollout_mesh")
     micro = _split(rows, r.train.grad_accum)
     items = training_items(policy, r.train, mesh, micro, length, r.max_new_tokens)
     other = sum(training_items(policy, dataclasses.replace(r.train, remat=not r.train.remat), mesh, micro, length,
                                r.max_new_tokens).values())
     other -= sum(items.values())
     items["reference model (float32)"] = weight_bytes(policy, mesh)
-    items.update(sampler_items(policy, rollout, rows, PROMPT_TOKENS, r.max_new_tokens, label=" (rollouts)"))
+    items.update(sampler_items(policy, rollout, rows, PROMPT_TOKENS, r.max_new_tokens, label=" (rollouts)",
+                               sample_dtype=sample))
     if judge is not None and ({"judge", "helpfulness"} & set(r.rewards)):
         items["judge weights (float32)"] = weight_bytes(judge, mesh)
     plans.append(StagePlan("rl", items, _flops(policy, rows * length, length, True), "an optimiser step",
@@ -262,7 +274,7 @@ def plan_config(config: Config, devices: int, read_config=None) -> list[StagePla
 
     e = config.eval
     items = {"policy weights (float32)": weight_bytes(policy, mesh),
-             **sampler_items(policy, mesh, e.batch_size, PROMPT_TOKENS, e.max_new_tokens)}
+             **sampler_items(policy, mesh, e.batch_size, PROMPT_TOKENS, e.max_new_tokens, sample_dtype=sample)}
     if judge is not None and (e.judge_grader or e.rubric_grader):
         items["judge weights (float32)"] = weight_bytes(judge, mesh)
     plans.append(StagePlan("eval", items, _flops(policy, e.batch_size * e.max_new_tokens, PROMPT_TOKENS +

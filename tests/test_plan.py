@@ -136,3 +136,14 @@ def test_a_stage_refuses_before_reading_weights_where_its_plan_cannot_fit(tmp_pa
     with pytest.raises(UserError, match="stage sft needs .* largest item"):
         run_sft(load_config(config))
     assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+
+
+def test_narrow_sampling_weights_add_their_copy_and_halve_the_bf16_cache(tmp_path):
+    model = model_dir(tmp_path, "qwen2.5-7b")
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "models": {"policy": model, "judge": model}}))
+    plain, narrow = ({p.stage: p.items for p in plan_config(load_config(config, [f"models.sample_dtype={d}"]), 1)}
+                     for d in ("float32", "bfloat16"))
+    assert "sampler's bfloat16 weights" in narrow["eval"] and "sampler's bfloat16 weights" not in plain["eval"]
+    cache = next(k for k in plain["eval"] if k.startswith("KV cache"))
+    assert narrow["eval"][cache] == plain["eval"][cache] / 2
