@@ -43,15 +43,9 @@ class MeshShape:
 
     @classmethod
     def of(cls, section: MeshConfig, devices: int, key: str = "mesh") -> "MeshShape":
-        sizes = [section.data, section.fsdp, section.tensor]
-        known = math.prod(s for s in sizes if s != -1)
-        if -1 in sizes:
-            if devices % known:
-                raise UserError(f"plan: {key} {sizes} does not fit {devices} devices")
-            sizes[sizes.index(-1)] = devices // known
-        if math.prod(sizes) != devices:
-            raise UserError(f"plan: {key} data*fsdp*tensor = {math.prod(sizes)}, but there are {devices} devices")
-        return cls(*sizes)
+        from dalign_jax.parallel.mesh import axis_sizes
+
+        return cls(*axis_sizes(section.data, section.fsdp, section.tensor, devices, f"plan: {key}"))
 
 
 @dataclasses.dataclass

@@ -41,23 +41,29 @@ PARAM_RULES: list[tuple[str, P]] = [
 ]
 
 
+def axis_sizes(data: int, fsdp: int, tensor: int, devices: int, key: str = "mesh") -> list[int]:
+    """The (data, fsdp, tensor) sizes on `devices` devices, one of them -1 to take the rest; `key`
+    names the config section in errors."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise UserError(f"{key}: at most one of data, fsdp, tensor may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known <= 0 or devices % known:
+            raise UserError(f"{key}: {dict(zip(AXES, sizes))} does not fit {devices} devices")
+        sizes[sizes.index(-1)] = devices // known
+    if math.prod(sizes) != devices or min(sizes) < 1:
+        raise UserError(
+            f"{key}: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, "
+            f"but there are {devices} devices"
+        )
+    return sizes
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 to take the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise UserError("mesh: at most one of data, fsdp, tensor may be -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if known <= 0 or len(devices) % known:
-            raise UserError(f"mesh: {dict(zip(AXES, sizes))} does not fit {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices) or min(sizes) < 1:
-        raise UserError(
-            f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, "
-            f"but there are {len(devices)} devices"
-        )
-    return Mesh(np.array(devices).reshape(sizes), AXES)
+    return Mesh(np.array(devices).reshape(axis_sizes(data, fsdp, tensor, len(devices))), AXES)
 
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
