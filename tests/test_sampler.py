@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_default_model
-from dalign_jax.engine.sampler import GREEDY, Sampler, SamplingParams, select_tokens
+from dalign_jax.engine.sampler import GREEDY, SampleOutput, Sampler, SamplingParams, select_tokens
 from dalign_jax.errors import UserError
 from dalign_jax.model.loader import load_model
 from dalign_jax.model.transformer import forward
@@ -243,3 +243,68 @@ def test_int8_sampling_weights_shard_and_decode_alike(model):
     assert eight.narrow(model.params)["layers"][0]["wq"]["int8"].dtype == np.int8
     with pytest.raises(UserError, match="sampler: weights 'fp8'"):
         Sampler(model.cfg, make_mesh(devices=jax.devices()[:1]), weights="fp8")
+
+
+QUEUE = [[int(t) for t in np.random.default_rng(i).integers(1, 250, 2 + 3 * i % 23)] for i in range(11)]
+
+
+def assert_same_rows(out, expected):
+    assert [t.tolist() for t in out.tokens] == [t.tolist() for t in expected.tokens]
+    for a, b in zip(out.logprobs, expected.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert out.lengths.tolist() == expected.lengths.tolist() and out.stopped.tolist() == expected.stopped.tolist()
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=1.3, top_p=0.9)], ids=["greedy", "sampled"])
+def test_continuous_batching_gives_each_prompt_its_own_tokens(model, sampler, sampling):
+    """A queue of 11 prompts on 4 rows, with mixed limits and stop tokens: every prompt gets the tokens
+    it gets alone, with the same key and index; more rows or another order change nothing."""
+    limits = [3 + 5 * i % 17 for i in range(len(QUEUE))]
+    key = jax.random.key(4)
+    free = sampler.generate(model.params, QUEUE, limits, key, sampling, batch_rows=4)
+    stops = [[int(t[1]), -3] if i % 2 else [] for i, t in enumerate(free.tokens)]  # every other row stops early
+    out = sampler.generate(model.params, QUEUE, limits, key, sampling, stops, batch_rows=4)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(len(QUEUE)))
+    for i, prompt in enumerate(QUEUE):
+        alone = sampler.generate(model.params, [prompt], limits[i], keys[i:i + 1], sampling, [stops[i]])
+        assert_same_rows(SampleOutput([out.tokens[i]], [out.logprobs[i]], out.lengths[i:i + 1], out.stopped[i:i + 1]),
+                         alone)
+    assert out.stopped[1::2].all() and not out.stopped[::2].any()
+    assert_same_rows(sampler.generate(model.params, QUEUE, limits, key, sampling, stops, batch_rows=2), out)
+    order = np.random.default_rng(0).permutation(len(QUEUE))
+    shuffled = sampler.generate(model.params, [QUEUE[i] for i in order], [limits[i] for i in order], keys[order],
+                                sampling, [stops[i] for i in order], batch_rows=4)
+    back = np.argsort(order)
+    assert_same_rows(SampleOutput([shuffled.tokens[i] for i in back], [shuffled.logprobs[i] for i in back],
+                                  shuffled.lengths[back], shuffled.stopped[back]), out)
+
+
+def test_continuous_batching_shares_repeated_prompts_and_a_prefix(model):
+    """k samples per prompt behind a shared prefix (distill's case), with the repetition penalty."""
+    sampler = Sampler(model.cfg, make_mesh(devices=jax.devices()[:1]), prefix_min_tokens=8)
+    spec = list(range(30, 50))
+    rows = [spec + p for p in QUEUE[:6] for _ in range(2)]
+    sampling = SamplingParams(temperature=0.8, repetition_penalty=1.3)
+    out = sampler.generate(model.params, rows, 9, jax.random.key(2), sampling, batch_rows=4)
+    assert_same_rows(out, sampler.generate(model.params, rows, 9, jax.random.key(2), sampling))
+    assert len({tuple(t.tolist()) for t in out.tokens[:2]}) == 2  # the two samples of a prompt differ
+
+
+def test_continuous_batching_compiles_once_per_refill_size(model):
+    sampler = Sampler(model.cfg, make_mesh(devices=jax.devices()[:1]))
+    limits = [2 + 7 * i % 15 for i in range(len(QUEUE))]
+    sampler.generate(model.params, QUEUE, limits, jax.random.key(0), GREEDY, batch_rows=4)
+    first = sampler.compile_count
+    # open + decode + one refill per distinct-prompt bucket (1, 2, 4 of 4 rows) at most
+    assert 3 <= first <= 5
+    sampler.generate(model.params, QUEUE[::-1] + QUEUE[:3], limits[::-1] + [16] * 3, jax.random.key(1), GREEDY,
+                     batch_rows=4)
+    assert sampler.compile_count <= 5
+
+
+def test_continuous_batching_on_a_sharded_mesh_equals_one_device(model, sampler):
+    limits = [4 + 3 * i % 11 for i in range(len(QUEUE))]
+    sharded = Sampler(model.cfg, make_mesh(data=4, fsdp=2))
+    hot = SamplingParams(temperature=1.0)
+    assert_same_rows(sharded.generate(model.params, QUEUE, limits, jax.random.key(3), hot, batch_rows=8),
+                     sampler.generate(model.params, QUEUE, limits, jax.random.key(3), hot, batch_rows=8))

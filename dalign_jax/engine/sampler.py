@@ -18,7 +18,8 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dalign_jax.errors import UserError
 from dalign_jax.model.config import ModelConfig
@@ -215,7 +216,8 @@ def select_tokens(logits: jax.Array, keys: jax.Array, sp: SamplingParams,
 
 
 class DecodeState(NamedTuple):
-    """What the decode loop carries from one step to the next."""
+    """What the decode loop carries from one step to the next (and, batching continuously, from one
+    compiled segment to the next)."""
     step: jax.Array  # int32 scalar: decode steps taken
     cache: KVCache
     last_logits: jax.Array  # [rows, vocab]: the distribution the next token is drawn from
@@ -225,6 +227,33 @@ class DecodeState(NamedTuple):
     done: jax.Array  # [rows] bool
     lengths: jax.Array  # [rows]: tokens sampled
     seen: jax.Array  # [rows, vocab] (or [rows, 1] without a repetition penalty)
+    max_new: jax.Array  # [rows]: each row's limit
+    stop: jax.Array  # [rows, stop width]: each row's stop tokens (-1 pads)
+    row_keys: jax.Array  # [rows]: each row's key
+
+
+def _decode_step(params, state: DecodeState, *, cfg: ModelConfig, sampling: SamplingParams, pad_id: int):
+    """One token for every live row. A row's n-th token draws from `fold_in(row key, n)`, so it does
+    not depend on when the row joined the batch. The cache is a ring: its write index wraps."""
+    batch = state.position.shape[0]
+    keys = jax.vmap(jax.random.fold_in)(state.row_keys, state.lengths)
+    token, logp = select_tokens(state.last_logits, keys, sampling, state.seen)
+    seen = state.seen
+    if sampling.repetition_penalty != 1.0:
+        seen = seen.at[jnp.arange(batch), token].set(True)
+    live = ~state.done
+    token = jnp.where(live, token, pad_id)
+    column = jnp.where(live, state.lengths, state.tokens.shape[1])  # past the end: dropped
+    out_tokens = state.tokens.at[jnp.arange(batch), column].set(token, mode="drop")
+    out_logp = state.logprobs.at[jnp.arange(batch), column].set(logp, mode="drop")
+    lengths = state.lengths + live.astype(jnp.int32)
+    hit_stop = jnp.any(token[:, None] == state.stop, axis=-1) & live
+    done = state.done | hit_stop | (lengths >= state.max_new)
+    step_pos = jnp.where(done, -1, state.position)[:, None]
+    logits, cache = forward(params, token[:, None], step_pos, state.cache, cfg=cfg)
+    cache = cache._replace(index=cache.index % cache.positions.shape[1])
+    return state._replace(step=state.step + 1, cache=cache, last_logits=logits[:, -1], position=state.position + 1,
+                          tokens=out_tokens, logprobs=out_logp, done=done, lengths=lengths, seen=seen)
 
 
 def _generate(params, tokens, positions, source, max_new, stop, seen, row_keys, prefix, *, cfg: ModelConfig,
@@ -242,29 +271,6 @@ def _generate(params, tokens, positions, source, max_new, stop, seen, row_keys, 
         cache = cache.take_rows(source)
         logits, positions = jnp.take(logits, source, axis=0), jnp.take(positions, source, axis=0)
     batch = positions.shape[0]
-    active = max_new > 0
-
-    def cond(state: DecodeState):
-        return (state.step < new_slots) & ~jnp.all(state.done)
-
-    def body(state: DecodeState):
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, state.step))(row_keys)
-        token, logp = select_tokens(state.last_logits, keys, sampling, state.seen)
-        seen = state.seen
-        if sampling.repetition_penalty != 1.0:
-            seen = seen.at[jnp.arange(batch), token].set(True)
-        done = state.done
-        token = jnp.where(done, pad_id, token)
-        out_tokens = state.tokens.at[:, state.step].set(token)
-        out_logp = state.logprobs.at[:, state.step].set(jnp.where(done, 0.0, logp))
-        lengths = state.lengths + (~done).astype(jnp.int32)
-        hit_stop = jnp.any(token[:, None] == stop, axis=-1) & ~done
-        done = done | hit_stop | (lengths >= max_new)
-        step_pos = jnp.where(done, -1, state.position)[:, None]
-        logits, cache = forward(params, token[:, None], step_pos, state.cache, cfg=cfg)
-        return DecodeState(state.step + 1, cache, logits[:, -1], state.position + 1, out_tokens, out_logp, done,
-                           lengths, seen)
-
     state = DecodeState(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
@@ -272,17 +278,77 @@ def _generate(params, tokens, positions, source, max_new, stop, seen, row_keys, 
         position=positions[:, -1] + 1,
         tokens=jnp.full((batch, new_slots), pad_id, jnp.int32),
         logprobs=jnp.zeros((batch, new_slots), jnp.float32),
-        done=~active,
+        done=~(max_new > 0),
         lengths=jnp.zeros((batch,), jnp.int32),
-        seen=seen,
+        seen=seen, max_new=max_new, stop=stop, row_keys=row_keys,
     )
-    final = jax.lax.while_loop(cond, body, state)
+    final = jax.lax.while_loop(lambda s: (s.step < new_slots) & ~jnp.all(s.done),
+                               functools.partial(_decode_step, params, cfg=cfg, sampling=sampling, pad_id=pad_id),
+                               state)
     out_tokens, out_logp, lengths = final.tokens, final.logprobs, final.lengths
-    stopped = jnp.any(
-        (jnp.take_along_axis(out_tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1) == stop) & (lengths > 0)[:, None],
-        axis=-1,
-    )
+    last = jnp.take_along_axis(out_tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)
+    stopped = jnp.any((last == stop) & (lengths > 0)[:, None], axis=-1)
     return out_tokens, out_logp, lengths, stopped
+
+
+# Continuous batching: a fixed set of rows decodes in compiled segments; between segments the host
+# takes the finished rows' tokens and prefills queued prompts into their places.
+
+def _open_rows(prefix, row_keys, *, cfg: ModelConfig, rows: int, prompt_len: int, new_slots: int, stop_width: int,
+               seen_width: int, dtype, pad_id: int, on_trace) -> DecodeState:
+    """Every row empty and done. The cache is a ring of prompt_len + new_slots slots: a prompt goes
+    into the prompt_len slots before the write index, and its new tokens fill the rest."""
+    on_trace()
+    cache = KVCache.empty(cfg, rows, prompt_len + new_slots, dtype=dtype, prefix=prefix)
+    return DecodeState(
+        step=jnp.zeros((), jnp.int32), cache=cache, last_logits=jnp.zeros((rows, cfg.vocab_size), jnp.float32),
+        position=jnp.zeros((rows,), jnp.int32), tokens=jnp.full((rows, new_slots), pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, new_slots), jnp.float32), done=jnp.ones((rows,), bool),
+        lengths=jnp.zeros((rows,), jnp.int32), seen=jnp.zeros((rows, seen_width), bool),
+        max_new=jnp.zeros((rows,), jnp.int32), stop=jnp.full((rows, stop_width), -1, jnp.int32), row_keys=row_keys)
+
+
+def _refill(params, state: DecodeState, tokens, positions, source, targets, max_new, stop, seen, row_keys, *,
+            cfg: ModelConfig, pad_id: int, batch_shards: int, on_trace) -> DecodeState:
+    """Prefill the distinct prompts `tokens` [D, prompt_len] and start entry e's row `targets[e]` on
+    prompt `source[e]` (targets past the last row are padding, dropped). One program per D bucket."""
+    on_trace()
+    rows, slots = state.cache.positions.shape
+    prompt_len = tokens.shape[1]
+    c = state.cache
+    fresh = KVCache.empty(cfg, tokens.shape[0], prompt_len, dtype=params["embed"].dtype,
+                          prefix=None if c.prefix_k is None else (c.prefix_k, c.prefix_v, c.prefix_positions))
+    logits, fresh = forward(params, tokens, positions, fresh, cfg=cfg, last_only=True, fresh_cache=True,
+                            batch_shards=batch_shards)
+    ring = (c.index - prompt_len + jnp.arange(prompt_len)) % slots  # the prompt's slots, before the index
+    stacked = not isinstance(c.k, tuple)
+
+    def write(old, new):  # new [(layers,) D, kv_heads, prompt_len, head_dim]
+        new = jnp.take(new, source, axis=1 if stacked else 0).astype(old.dtype)
+        at = (targets[:, None, None], jnp.arange(old.shape[-3])[None, :, None], ring[None, None, :])
+        return old.at[(slice(None),) + at if stacked else at].set(new, mode="drop")
+
+    k, v = (write(c.k, fresh.k), write(c.v, fresh.v)) if stacked else (
+        tuple(map(write, c.k, fresh.k)), tuple(map(write, c.v, fresh.v)))
+    key_positions = c.positions.at[targets].set(-1, mode="drop")
+    key_positions = key_positions.at[targets[:, None], ring[None, :]].set(jnp.take(positions, source, axis=0),
+                                                                        mode="drop")
+    put = lambda x, value: x.at[targets].set(value, mode="drop")  # noqa: E731
+    return state._replace(
+        cache=c._replace(k=k, v=v, positions=key_positions),
+        last_logits=put(state.last_logits, jnp.take(logits[:, -1], source, axis=0)),
+        position=put(state.position, jnp.take(positions[:, -1], source, axis=0) + 1),
+        tokens=put(state.tokens, pad_id), logprobs=put(state.logprobs, 0.0), done=put(state.done, ~(max_new > 0)),
+        lengths=put(state.lengths, 0), seen=put(state.seen, seen), max_new=put(state.max_new, max_new),
+        stop=put(state.stop, stop), row_keys=put(state.row_keys, row_keys))
+
+
+def _decode_until(params, state: DecodeState, finished, *, cfg: ModelConfig, sampling: SamplingParams, pad_id: int,
+                  on_trace) -> DecodeState:
+    """Decode until at least `finished` rows are done (or all are): the host then refills them."""
+    on_trace()
+    step = functools.partial(_decode_step, params, cfg=cfg, sampling=sampling, pad_id=pad_id)
+    return jax.lax.while_loop(lambda s: (jnp.sum(s.done) < finished) & ~jnp.all(s.done), step, state)
 
 
 class Sampler:
@@ -340,6 +406,43 @@ class Sampler:
             )
         return self._compiled[key]
 
+    def _state_shardings(self, state: DecodeState) -> DecodeState:
+        """Rows over the mesh's batch axes (axis 1 of stacked layer caches); the step, the write index
+        and the shared prefix replicated."""
+        rows_on = lambda axis: NamedSharding(self.mesh, P(*([None] * axis), mesh_lib.BATCH_AXES))  # noqa: E731
+        whole = mesh_lib.replicated(self.mesh)
+        c = state.cache
+        kv = rows_on(1) if not isinstance(c.k, tuple) else tuple(rows_on(0) for _ in c.k)
+        everywhere = lambda x: None if x is None else jax.tree.map(lambda _: whole, x)  # noqa: E731
+        cache = KVCache(k=kv, v=kv, positions=rows_on(0), index=whole, prefix_k=everywhere(c.prefix_k),
+                        prefix_v=everywhere(c.prefix_v), prefix_positions=everywhere(c.prefix_positions))
+        return DecodeState(whole, cache, *(rows_on(0) for _ in DecodeState._fields[2:]))
+
+    def _continuous_fns(self, params, sampling: SamplingParams, shapes: tuple, prefix, row_keys):
+        """The three programs of continuous batching for one set of shapes: open, refill, decode."""
+        key = ("continuous", sampling, shapes)
+        if key not in self._compiled:
+            rows, prompt_len, new_slots, stop_width, seen_width = shapes
+            on_trace = self._count_trace
+            opener = functools.partial(_open_rows, cfg=self.cfg, rows=rows, prompt_len=prompt_len,
+                                       new_slots=new_slots, stop_width=stop_width, seen_width=seen_width,
+                                       dtype=params["embed"].dtype, pad_id=self.pad_id, on_trace=on_trace)
+            state_sharding = self._state_shardings(jax.eval_shape(opener, prefix, row_keys))
+            whole, batch = mesh_lib.replicated(self.mesh), lambda rank: mesh_lib.batch_sharding(self.mesh, rank)  # noqa: E731
+            weights = mesh_lib.param_shardings(params, self.mesh)
+            self._compiled[key] = (
+                jax.jit(opener, out_shardings=state_sharding),
+                jax.jit(functools.partial(_refill, cfg=self.cfg, pad_id=self.pad_id, on_trace=on_trace,
+                                          batch_shards=mesh_lib.batch_size_multiple(self.mesh)),
+                        in_shardings=(weights, state_sharding, batch(2), batch(2)) + (whole,) * 6,
+                        out_shardings=state_sharding, donate_argnums=1),
+                jax.jit(functools.partial(_decode_until, cfg=self.cfg, sampling=sampling, pad_id=self.pad_id,
+                                          on_trace=on_trace),
+                        in_shardings=(weights, state_sharding, whole), out_shardings=state_sharding,
+                        donate_argnums=1),
+            )
+        return self._compiled[key]
+
     def generate(
         self,
         params,
@@ -348,6 +451,8 @@ class Sampler:
         key: jax.Array,
         sampling: SamplingParams = GREEDY,
         stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
+        batch_rows: int | None = None,
+        on_finished=None,
     ) -> SampleOutput:
         """Sample up to `max_new_tokens` (one value, or one per row) after each prompt.
 
@@ -357,6 +462,11 @@ class Sampler:
         `stop_tokens` is one list for every row, or one list per row. `params` may lie on another mesh
         (RL's training mesh beside `rl.rollout_mesh`): they are copied onto this sampler's first, which
         moves nothing where they already lie as it lays them out.
+
+        `batch_rows`: with more prompts than this, decode this many rows at a time and batch
+        continuously: a finished row takes the next queued prompt, so steps run full until the queue
+        empties. Either way each prompt's tokens depend on the key and its index only. `on_finished(n)`
+        is called as n more prompts finish (a progress bar).
         """
         n = len(prompts)
         if n == 0:
@@ -368,6 +478,8 @@ class Sampler:
             [list(stop_tokens)] * n
         if len(per_row_stops) != n:
             raise UserError(f"sampler: {len(per_row_stops)} stop lists for {n} prompts")
+        if key.ndim != 0 and key.shape != (n,):
+            raise UserError(f"sampler: {key.shape[0]} keys for {n} prompts")
         params = self.narrow(params)
         prefix, shared, own = self.prefixes.split(params, prompts)
         prompt_len = bucket(max(len(p) for p in own), self.prompt_buckets, "prompt length")
@@ -376,6 +488,32 @@ class Sampler:
         if context > self.cfg.max_position:
             raise UserError(f"sampler: prompt of {context - new_slots} plus {new_slots} new tokens exceeds the "
                             f"model's context of {self.cfg.max_position}")
+        width = max(1, max(len(s) for s in per_row_stops))
+        stop = np.full((n, width), -1, np.int32)
+        for i, s in enumerate(per_row_stops):
+            stop[i, :len(s)] = s
+        keys = key if key.ndim else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+        args = (params, prompts, own, shared, prefix, limits, stop, keys, sampling, prompt_len, new_slots)
+        if batch_rows is not None and n > batch_rows:
+            out = self._continuous(*args, batch_bucket(batch_rows, self.mesh), on_finished)
+        else:
+            out = self._static(*args)
+            if on_finished is not None:
+                on_finished(n)
+        return out
+
+    def _seen(self, sampling: SamplingParams, prompts: Sequence[Sequence[int]], rows: int) -> np.ndarray:
+        """The repetition penalty's tokens: each row's whole prompt ([rows, 1] and unused without one)."""
+        if sampling.repetition_penalty == 1.0:
+            return np.zeros((rows, 1), bool)
+        seen = np.zeros((rows, self.cfg.vocab_size), bool)
+        for i, p in enumerate(prompts):
+            seen[i, np.asarray(p)] = True
+        return seen
+
+    def _static(self, params, prompts, own, shared, prefix, limits, stop, keys, sampling, prompt_len, new_slots):
+        """Every prompt in one batch, decoded until its longest row ends: one compiled call."""
+        n = len(prompts)
         rows = batch_bucket(n, self.mesh)
         distinct = list(dict.fromkeys(tuple(p) for p in own))
         source = None
@@ -387,23 +525,12 @@ class Sampler:
         tokens, positions = left_pad(own, prompt_len, batch_bucket(len(own), self.mesh), self.pad_id, offset=shared)
         max_new = np.zeros(rows, np.int32)
         max_new[:n] = limits
-        width = max(1, max(len(s) for s in per_row_stops))
-        stop = np.full((rows, width), -1, np.int32)
-        for i, s in enumerate(per_row_stops):
-            stop[i, :len(s)] = s
-        seen = np.zeros((rows, 1), bool)
-        if sampling.repetition_penalty != 1.0:
-            seen = np.zeros((rows, self.cfg.vocab_size), bool)
-            for i, p in enumerate(prompts):
-                seen[i, np.asarray(p)] = True
-        if key.ndim == 0:
-            row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(rows))
-        elif key.shape == (n,):
-            row_keys = jnp.concatenate([key, jnp.broadcast_to(key[:1], (rows - n,))]) if rows > n else key
-        else:
-            raise UserError(f"sampler: {key.shape[0]} keys for {n} prompts")
+        row_stop = np.full((rows, stop.shape[1]), -1, np.int32)
+        row_stop[:n] = stop
+        row_keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (rows - n,))]) if rows > n else keys
         fn = self._fn(params, sampling, new_slots)
-        out = jax.device_get(fn(params, tokens, positions, source, max_new, stop, seen, row_keys, prefix))
+        seen = self._seen(sampling, prompts, rows)
+        out = jax.device_get(fn(params, tokens, positions, source, max_new, row_stop, seen, row_keys, prefix))
         out_tokens, out_logp, lengths, stopped = (np.asarray(x) for x in out)
         return SampleOutput(
             tokens=[out_tokens[i, :lengths[i]] for i in range(n)],
@@ -411,3 +538,66 @@ class Sampler:
             lengths=lengths[:n],
             stopped=stopped[:n],
         )
+
+    def _continuous(self, params, prompts, own, shared, prefix, limits, stop, keys, sampling, prompt_len, new_slots,
+                    rows: int, on_finished):
+        """`rows` rows decode in segments; each segment ends when REFILL_SHARE of them are free (or,
+        with the queue empty, all), and queued prompts are prefilled into the free rows."""
+        n = len(prompts)
+        seen_width = 1 if sampling.repetition_penalty == 1.0 else self.cfg.vocab_size
+        shapes = (rows, prompt_len, new_slots, stop.shape[1], seen_width)
+        pad_keys = jnp.broadcast_to(keys[:1], (rows,))
+        open_rows, refill, decode = self._continuous_fns(params, sampling, shapes, prefix, pad_keys)
+        state = open_rows(prefix, pad_keys)
+        owner = np.full(rows, -1)  # the prompt each row holds
+        tokens, logprobs = [None] * n, [None] * n
+        lengths, stopped = np.zeros(n, np.int32), np.zeros(n, bool)
+        queued = 0  # prompts started so far (in input order)
+        refill_at = max(1, int(rows * self.REFILL_SHARE))
+        while True:
+            done, row_lengths = (np.asarray(x) for x in jax.device_get((state.done, state.lengths)))
+            finished = [r for r in range(rows) if owner[r] >= 0 and done[r]]
+            if finished:
+                out_tokens, out_logp = (np.asarray(x) for x in jax.device_get((state.tokens, state.logprobs)))
+                for r in finished:
+                    i, m = owner[r], row_lengths[r]
+                    tokens[i], logprobs[i], lengths[i] = out_tokens[r, :m], out_logp[r, :m], m
+                    stopped[i] = m > 0 and out_tokens[r, m - 1] in stop[i]
+                    owner[r] = -1
+                if on_finished is not None:
+                    on_finished(len(finished))
+            free = np.flatnonzero(owner < 0)[:n - queued]
+            if len(free):
+                state = self._start(refill, params, state, prompts, own, shared, prompt_len, limits, stop, keys,
+                                    sampling, queued, free)
+                owner[free] = np.arange(queued, queued + len(free))
+                queued += len(free)
+            if (owner < 0).all():
+                break
+            idle = int((owner < 0).sum())
+            state = decode(params, state, np.int32(rows if queued == n else idle + refill_at))
+        return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, stopped=stopped)
+
+    # The share of rows left idle before a refill: a refill is one prefill call and a round trip to the
+    # host, so refilling after every finished row would cost more than the idle rows.
+    REFILL_SHARE = 0.25
+
+    def _start(self, refill, params, state, prompts, own, shared, prompt_len, limits, stop, keys, sampling,
+               first: int, free: np.ndarray):
+        """Prompts first, first + 1, ... prefilled into rows `free` (repeated prompts once)."""
+        rows = state.position.shape[0]
+        started = range(first, first + len(free))
+        distinct = list(dict.fromkeys(tuple(own[i]) for i in started))
+        index = {p: j for j, p in enumerate(distinct)}
+        tokens, positions = left_pad(distinct, prompt_len, batch_bucket(len(distinct), self.mesh), self.pad_id,
+                                     offset=shared)
+        source, targets = np.zeros(rows, np.int32), np.full(rows, rows, np.int32)
+        source[:len(free)] = [index[tuple(own[i])] for i in started]
+        targets[:len(free)] = free
+        max_new = np.zeros(rows, np.int32)
+        max_new[:len(free)] = limits[first:first + len(free)]
+        row_stop = np.full((rows, stop.shape[1]), -1, np.int32)
+        row_stop[:len(free)] = stop[first:first + len(free)]
+        seen = self._seen(sampling, [prompts[i] for i in started], rows)
+        row_keys = jnp.concatenate([keys[first:first + len(free)], jnp.broadcast_to(keys[:1], (rows - len(free),))])
+        return refill(params, state, tokens, positions, source, targets, max_new, row_stop, seen, row_keys)
