@@ -136,7 +136,7 @@ class Distill(Sampled):
     top_p: float = 0.95  # nucleus sampling; 1: off
     min_p: float = 0.0  # tokens at least this share of the likeliest one's probability; 0: off
     repetition_penalty: float = 1.0  # transformers' (1: off): logits of tokens already in the row shrunk
-    batch_size: int = 16  # prompts per sampler call (times samples_per_prompt rows)
+    batch_size: int = 16  # prompts decoded at once (times samples_per_prompt rows, batched continuously)
     shard_size: int = 32  # prompts per output shard: the unit of resume
 
 
@@ -242,6 +242,9 @@ class RL(Sampled):
     # The sampler's own mesh (data, fsdp, tensor, devices), as Tunix gives rollouts their own: null
     # samples on the training mesh. The weights are copied onto it before each rollout.
     rollout_mesh: Optional[MeshConfig] = None
+    # Rows decoded at once; a step's prompts_per_step x group_size rows beyond it are batched
+    # continuously (a finished row takes the next). 0: every row of a step at once.
+    rollout_batch: int = 0
     train: Train = dataclasses.field(default_factory=lambda: Train(learning_rate=1e-6, warmup_steps=0,
                                                                    save_every=10))
 
@@ -259,7 +262,7 @@ class Eval:
     limit: int = 0  # at most this many prompts per set, taken in turn from each category (0: all)
     jailbreak_prompts: int = 8  # disallowed prompts per set wrapped in every jailbreak template
     max_new_tokens: int = 128  # answer length
-    batch_size: int = 32  # prompts per sampler call
+    batch_size: int = 32  # prompts decoded at once (batched continuously)
     judge_grader: bool = True  # also grade with the judge model and the spec (beside the rule grader)
     # StrongREJECT's rubric (refused, convincing, specific) by the judge model on answers to disallowed
     # and jailbreak prompts: three more judge passes over those rows.
@@ -463,7 +466,7 @@ RANGES: dict[type, dict[str, tuple]] = {
          "temperature": (0.0, None), "top_p": (0.0, 1.0, OPEN), "top_k": (0, None), "min_p": (0.0, 1.0),
          "repetition_penalty": (0.0, None, OPEN), "malformed_reward": (None, None), "clip_low": (0.0, 1.0),
          "clip_high": (0.0, None), "kl_coef": (0.0, None), "ref_sync_every": (0, None), "ref_sync_mix": (0.0, 1.0),
-         "updates_per_rollout": (1, None)},
+         "updates_per_rollout": (1, None), "rollout_batch": (0, None)},
     Eval: {"limit": (0, None), "jailbreak_prompts": (0, None), "max_new_tokens": (1, None), "batch_size": (1, None)},
 }
 

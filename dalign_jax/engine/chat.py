@@ -104,10 +104,14 @@ def complete_chats(
     max_new_tokens: int,
     key: jax.Array,
     sampling: SamplingParams = GREEDY,
+    batch_rows: int | None = None,
+    on_finished=None,
 ) -> list[Completion]:
+    """`batch_rows`, `on_finished`: as `Sampler.generate`'s (continuous batching, progress)."""
     prompts = [encode_chat(model.tokenizer, m) for m in conversations]
     stops = stop_token_ids(model)
-    out = sampler.generate(params, prompts, max_new_tokens, key, sampling, stop_tokens=stops)
+    out = sampler.generate(params, prompts, max_new_tokens, key, sampling, stop_tokens=stops, batch_rows=batch_rows,
+                           on_finished=on_finished)
     completions = []
     for tokens, body, logps, stopped in zip(out.tokens, out.content(), out.logprobs, out.stopped):
         completions.append(Completion(

@@ -127,12 +127,9 @@ class JudgeEngine(DigitJudge):
                                                                         self.score_ids[low:high + 1])
                     scores[rows] = low + (high - low) * expected
             return scores, probs
-        scores = []
-        for b in range(0, len(conversations), self.batch_size):
-            outs = complete_chats(self.model, self.sampler, self.params, conversations[b:b + self.batch_size],
-                                  self.max_new_tokens, jax.random.key(b))
-            scores.append(np.array([parse_rating(o.text, low, high) for o in outs], np.float32))
-        return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), None
+        outs = complete_chats(self.model, self.sampler, self.params, conversations, self.max_new_tokens,
+                              jax.random.key(0), batch_rows=self.batch_size)
+        return np.array([parse_rating(o.text, low, high) for o in outs], np.float32).reshape(-1), None
 
 
 def parse_rating(text: str, low: int = 0, high: int = SCALE - 1) -> float:

@@ -343,6 +343,15 @@ def _refill(params, state: DecodeState, tokens, positions, source, targets, max_
         stop=put(state.stop, stop), row_keys=put(state.row_keys, row_keys))
 
 
+def _keep_rows(state: DecodeState, rows, *, on_trace) -> DecodeState:
+    """The state of `rows` only: once the queue is empty, the live rows move to a smaller batch, as a
+    step costs every row's compute whether it is done or not."""
+    on_trace()
+    take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+    cache = state.cache.take_rows(rows)
+    return state._replace(cache=cache, **{f: take(getattr(state, f)) for f in DecodeState._fields[2:]})
+
+
 def _decode_until(params, state: DecodeState, finished, *, cfg: ModelConfig, sampling: SamplingParams, pad_id: int,
                   on_trace) -> DecodeState:
     """Decode until at least `finished` rows are done (or all are): the host then refills them."""
@@ -419,7 +428,8 @@ class Sampler:
         return DecodeState(whole, cache, *(rows_on(0) for _ in DecodeState._fields[2:]))
 
     def _continuous_fns(self, params, sampling: SamplingParams, shapes: tuple, prefix, row_keys):
-        """The three programs of continuous batching for one set of shapes: open, refill, decode."""
+        """The programs of continuous batching for one set of shapes: open, refill, decode, keep rows
+        (each compiled again for each batch size the rows shrink to)."""
         key = ("continuous", sampling, shapes)
         if key not in self._compiled:
             rows, prompt_len, new_slots, stop_width, seen_width = shapes
@@ -440,6 +450,8 @@ class Sampler:
                                           on_trace=on_trace),
                         in_shardings=(weights, state_sharding, whole), out_shardings=state_sharding,
                         donate_argnums=1),
+                jax.jit(functools.partial(_keep_rows, on_trace=on_trace), in_shardings=(state_sharding, whole),
+                        out_shardings=state_sharding),
             )
         return self._compiled[key]
 
@@ -541,14 +553,16 @@ class Sampler:
 
     def _continuous(self, params, prompts, own, shared, prefix, limits, stop, keys, sampling, prompt_len, new_slots,
                     rows: int, on_finished):
-        """`rows` rows decode in segments; each segment ends when REFILL_SHARE of them are free (or,
-        with the queue empty, all), and queued prompts are prefilled into the free rows."""
+        """`rows` rows decode in segments; each segment ends when REFILL_SHARE of them are free, and
+        queued prompts are prefilled into the free rows. Once the queue is empty, the live rows move to
+        half as many rows whenever they fit (a power of two, down to the mesh's batch multiple)."""
         n = len(prompts)
         seen_width = 1 if sampling.repetition_penalty == 1.0 else self.cfg.vocab_size
         shapes = (rows, prompt_len, new_slots, stop.shape[1], seen_width)
         pad_keys = jnp.broadcast_to(keys[:1], (rows,))
-        open_rows, refill, decode = self._continuous_fns(params, sampling, shapes, prefix, pad_keys)
+        open_rows, refill, decode, keep_rows = self._continuous_fns(params, sampling, shapes, prefix, pad_keys)
         state = open_rows(prefix, pad_keys)
+        smallest = mesh_lib.batch_size_multiple(self.mesh)
         owner = np.full(rows, -1)  # the prompt each row holds
         tokens, logprobs = [None] * n, [None] * n
         lengths, stopped = np.zeros(n, np.int32), np.zeros(n, bool)
@@ -556,7 +570,7 @@ class Sampler:
         refill_at = max(1, int(rows * self.REFILL_SHARE))
         while True:
             done, row_lengths = (np.asarray(x) for x in jax.device_get((state.done, state.lengths)))
-            finished = [r for r in range(rows) if owner[r] >= 0 and done[r]]
+            finished = [r for r in range(len(owner)) if owner[r] >= 0 and done[r]]
             if finished:
                 out_tokens, out_logp = (np.asarray(x) for x in jax.device_get((state.tokens, state.logprobs)))
                 for r in finished:
@@ -572,10 +586,22 @@ class Sampler:
                                     sampling, queued, free)
                 owner[free] = np.arange(queued, queued + len(free))
                 queued += len(free)
-            if (owner < 0).all():
+            live = np.flatnonzero(owner >= 0)
+            if not len(live):
                 break
-            idle = int((owner < 0).sum())
-            state = decode(params, state, np.int32(rows if queued == n else idle + refill_at))
+            width = len(owner)
+            if queued == n:
+                while width // 2 >= max(len(live), smallest):
+                    width //= 2
+                if width < len(owner):
+                    keep = np.concatenate([live, np.flatnonzero(owner < 0)[:width - len(live)]]).astype(np.int32)
+                    state, owner = keep_rows(state, keep), owner[keep]
+                    live = np.flatnonzero(owner >= 0)
+                # Decode until the live rows fit in half the rows (or are done).
+                target = width if width // 2 < smallest else width - width // 2
+            else:
+                target = width - len(live) + refill_at
+            state = decode(params, state, np.int32(target))
         return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, stopped=stopped)
 
     # The share of rows left idle before a refill: a refill is one prefill call and a round trip to the

@@ -135,38 +135,31 @@ def _remote_shard_records(config: Config, spec: Spec, teacher, prompts, shard: i
     return records
 
 
-def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, key) -> list[dict]:
+def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, shard: int) -> list[dict]:
     d = config.distill
     sampling = d.sampling_params()
     stops = stop_token_ids(model)
-    # Batches hold one category each, so their inputs share spec(category) as a cached prefix, and
-    # up to batch_size x samples_per_prompt rows (more prompts where samples_by_mode asks fewer).
+    # One sampler call per category, so its inputs share spec(category) as a cached prefix, batched
+    # continuously on batch_size x samples_per_prompt rows.
     row_budget = d.batch_size * d.samples_per_prompt
-    batches = []
-    for group in grouped(prompts, lambda p: p.category):
-        batches.append([])
-        filled = 0  # rows in the last batch
-        for p in group:
-            if batches[-1] and filled + samples_for(d, p) > row_budget:
-                batches.append([])
-                filled = 0
-            batches[-1].append(p)
-            filled += samples_for(d, p)
     records = []
     tok = model.tokenizer
-    for b, batch in enumerate(batches):
+    for batch in grouped(prompts, lambda p: p.category):
         ids = [distill_prompt_ids(tok, spec, p, d.scaffold.mode_hint) for p in batch]
         counts = [samples_for(d, p) for p in batch]
         rows = [x for x, k in zip(ids, counts) for _ in range(k)]
         row_prompts = [p for p, k in zip(batch, counts) for _ in range(k)]
         row_samples = [i for k in counts for i in range(k)]
-        key_b = jax.random.fold_in(key, b)
+        # A completion's key is its prompt's (the seed an endpoint is sent) and its sample number:
+        # the records do not depend on the batching, and a rerun of the shard writes the same.
+        keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(request_seed(config.seed, shard, p.id)), i)
+                                for p, i in zip(row_prompts, row_samples)])
         templated = bool(d.scaffold.analysis_template) and all(p.expected_mode for p in batch)
         if templated:  # no analysis to sample: the answer pass below is the teacher's only one
             texts, finished = [""] * len(rows), [True] * len(rows)
         else:
             limit = d.cot_tokens if d.force_format else d.cot_tokens + d.answer_tokens
-            out = sampler.generate(params, rows, limit, key_b, sampling, stops)
+            out = sampler.generate(params, rows, limit, keys, sampling, stops, batch_rows=row_budget)
             texts = [COT_PREFIX + tok.decode(t) for t in out.content()]
             finished = [bool(s) for s in out.stopped]
         if d.force_format:
@@ -178,8 +171,9 @@ def _shard_records(config: Config, spec: Spec, model, sampler, params, prompts, 
             starts = [f"{c}\n{ANSWER_DELIMITER}\n{d.scaffold.answer_prefix.get(p.expected_mode, '')}"
                       for c, p in zip(cots, row_prompts)]
             answer_rows = [r + tok.encode(s[len(COT_PREFIX):], add_special_tokens=False) for r, s in zip(rows, starts)]
-            answers = sampler.generate(params, answer_rows, d.answer_tokens, jax.random.fold_in(key_b, 1 << 20),
-                                       sampling, stops)
+            answer_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1 << 20))(keys)
+            answers = sampler.generate(params, answer_rows, d.answer_tokens, answer_keys, sampling, stops,
+                                       batch_rows=row_budget)
             texts = [s + tok.decode(t) for s, t in zip(starts, answers.content())]
             finished = [bool(s) for s in answers.stopped]
         records += [completion_record(config, spec, model.model_id, prompt, sample, text, done)
@@ -214,13 +208,12 @@ def run_distill(config: Config, force: bool = False) -> dict:
     prompts = [p for group in grouped(prompts, lambda p: p.category) for p in group]
     size = config.distill.shard_size
     shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-    key = jax.random.key(config.seed)
     for i, shard in enumerate(tqdm(shards, desc="distill shards", unit="shard")):
         stem = out / f"shard-{i:05d}"
         if stem.with_suffix(".jsonl").is_file():
             continue  # finished before a crash
         write_records(stem, _remote_shard_records(config, spec, model, shard, i) if remote else
-                      _shard_records(config, spec, model, sampler, params, shard, jax.random.fold_in(key, i)))
+                      _shard_records(config, spec, model, sampler, params, shard, i))
     records = [r for i in range(len(shards)) for r in read_jsonl(out / f"shard-{i:05d}.jsonl")]
     statuses: dict[str, int] = {}
     for r in records:

@@ -178,14 +178,10 @@ def set_metrics(rows: list[dict], judge_grades: bool, rubric_grades: bool = Fals
 def _generate(config: Config, model, sampler, params, prompts: list[Prompt], desc: str) -> list[tuple[str, bool]]:
     from dalign_jax.engine.chat import complete_chats
 
-    outputs = []
-    size = config.eval.batch_size
-    for b in tqdm(range(0, len(prompts), size), desc=desc, unit="batch", leave=False):
-        batch = prompts[b:b + size]
-        done = complete_chats(model, sampler, params, [p.chat() for p in batch], config.eval.max_new_tokens,
-                              jax.random.key(0))
-        outputs += [(c.text, c.finished) for c in done]
-    return outputs
+    with tqdm(total=len(prompts), desc=desc, unit="answer", leave=False) as bar:
+        done = complete_chats(model, sampler, params, [p.chat() for p in prompts], config.eval.max_new_tokens,
+                              jax.random.key(0), batch_rows=config.eval.batch_size, on_finished=bar.update)
+    return [(c.text, c.finished) for c in done]
 
 
 def _judge_grades(spec: Spec, judge, prompts: list[Prompt], rows: list[dict]) -> None:

@@ -107,10 +107,12 @@ class Rollouts:
         self.sampler = Sampler(model.cfg, mesh, pad_id=model.tokenizer.pad_token_id or 0, prefix_min_tokens=0,
                                weights=config.models.sample_dtype)
         self.stops = stop_token_ids(model)
+        self.batch_rows = rl.rollout_batch or None
 
     def __call__(self, params, prompts, key):
         encoded = [encode_chat(self.model.tokenizer, p.chat()) for p in prompts for _ in range(self.group)]
-        out = self.sampler.generate(params, encoded, self.max_new, key, self.sampling, stop_tokens=self.stops)
+        out = self.sampler.generate(params, encoded, self.max_new, key, self.sampling, stop_tokens=self.stops,
+                                    batch_rows=self.batch_rows)
         rollouts = []
         for i, (body, finished) in enumerate(zip(out.content(), out.stopped)):
             text = self.model.tokenizer.decode(body, skip_special_tokens=False)
