@@ -33,11 +33,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, port: int, log_path) -> subprocess.Popen:
+def start_server(model_dir, port: int, log_path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", DALIGN_API_KEY=KEY)
     log = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "dalign_jax.cli", "serve", "--model", str(model_dir),
-                             "--port", str(port), "--served-model-name", SERVED, "--max-logprobs", "256"],
+                             "--port", str(port), "--served-model-name", SERVED, "--max-logprobs", "256", *extra],
                             env=env, stdout=log, stderr=log)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -133,6 +133,32 @@ def test_openai_client_lists_completes_and_streams(server):
     assert len(first.top_logprobs) == 5 and first.top_logprobs[0].token == first.token  # greedy: the likeliest
     assert first.logprob == pytest.approx(first.top_logprobs[0].logprob, abs=1e-6)
     assert sum(np.exp(t.logprob) for t in first.top_logprobs) <= 1 + 1e-5
+
+
+def test_more_requests_than_rows_decode_continuously_with_the_same_answers(server, model_dir, tmp_path):
+    """Six requests at once on a server of two rows: one continuous call; each answer is the one the
+    other server gives it alone."""
+    import concurrent.futures
+
+    url, _ = server
+    messages = [[{"role": "user", "content": f"Count to {i}."}] for i in range(6)]
+
+    def ask(base, i):
+        client = openai.OpenAI(base_url=base, api_key=KEY)
+        return client.chat.completions.create(model=SERVED, messages=messages[i], max_tokens=4 + 3 * i, seed=i)
+
+    alone = [ask(url, i) for i in range(6)]
+    port = free_port()
+    proc = start_server(model_dir, port, tmp_path / "server.log", "--max-batch", "2", "--batch-window-ms", "300")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda i: ask(f"http://127.0.0.1:{port}/v1", i), range(6)))
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {KEY}"})
+        health = json.loads(urllib.request.urlopen(request, timeout=5).read())
+    finally:
+        stop(proc)
+    assert [r.choices[0].message.content for r in together] == [r.choices[0].message.content for r in alone]
+    assert health["rows"] == 6 and health["batches"] <= 2  # in batches of max_batch rows: 3 at least
 
 
 def test_bad_requests_get_openai_errors(server):

@@ -1,11 +1,12 @@
 """`dalign serve`: an OpenAI-compatible chat server over the compiled sampler (FastAPI and uvicorn).
 
 Requests wait in a queue; one thread takes them as they come until none has come for
-`batch_window_s` (at most ten windows), those with the first one's sampling settings up to `max_batch`
-rows, and decodes them as one batch. A request that arrives while a batch decodes joins the next, so
-it waits at most one batch's decoding (its longest `max_tokens` steps) plus ten windows. Every row draws from its own request's seed, so an answer does
-not depend on what it was batched with. A shared prefix (a spec) is computed once and cached, as the
-sampler does for every stage. `stream` sends server-sent events once the batch is decoded.
+`batch_window_s` (at most ten windows), those with the first one's sampling settings up to
+QUEUED_BATCHES x `max_batch` rows, and decodes them on `max_batch` rows batched
+continuously: a finished row takes the next waiting one. A request that arrives while they decode
+joins the next call. Every row draws from its own request's seed, so an answer does not depend on
+what it was batched with. A shared prefix (a spec) is computed once and cached, as the sampler does
+for every stage. `stream` sends server-sent events once the request is decoded.
 """
 
 import asyncio
@@ -62,6 +63,11 @@ class Choice:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None  # (token, logprob, top alternatives)
 
 
+# Rows one sampler call takes, in max_batch-row batches: more waiting requests than max_batch decode
+# continuously instead of one batch after another.
+QUEUED_BATCHES = 8
+
+
 class ServeEngine:
     """The model, its sampler and the batching thread."""
 
@@ -94,7 +100,8 @@ class ServeEngine:
             # resend as soon as the last batch answers them arrive over some milliseconds, not at once.
             start = time.monotonic()
             deadline = start + self.batch_window_s
-            while sum(w.n for w in waiting) < self.max_batch:
+            most = QUEUED_BATCHES * self.max_batch
+            while sum(w.n for w in waiting) < most:
                 try:
                     waiting.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
@@ -102,7 +109,7 @@ class ServeEngine:
                 deadline = min(time.monotonic() + self.batch_window_s, start + 10 * self.batch_window_s)
             batch, rows, rest = [], 0, []
             for work in (w for w in waiting if not w.future.cancelled()):  # a client that left is not decoded
-                if work.sampling == waiting[0].sampling and (not batch or rows + work.n <= self.max_batch):
+                if work.sampling == waiting[0].sampling and (not batch or rows + work.n <= most):
                     batch.append(work)
                     rows += work.n
                 else:
@@ -127,7 +134,8 @@ class ServeEngine:
                                 for w in batch for j in range(w.n)])
         stops = [[] if w.ignore_eos else self.stops for w in batch for _ in range(w.n)]
         start = time.perf_counter()
-        out = self.sampler.generate(self.params, prompts, limits, keys, batch[0].sampling, stops)
+        out = self.sampler.generate(self.params, prompts, limits, keys, batch[0].sampling, stops,
+                                    batch_rows=self.max_batch)
         self.stats["batches"] += 1
         self.stats["rows"] += len(prompts)
         self.stats["decode_s"] += time.perf_counter() - start
