@@ -5,8 +5,9 @@ cover any workload; each new shape is one compilation, counted in `Sampler.compi
 given several times (k samples, a GRPO group) is prefilled once and its cache copied to its rows; the
 prefill batch of distinct prompts is bucketed too.
 
-Randomness is per row: row i draws from `fold_in(fold_in(key, i), step)`, so a row's sample does not
-depend on what else is in the batch or how the batch was padded.
+Randomness is per row: row i's n-th token draws from `fold_in(fold_in(key, i), n)`, so a row's sample
+does not depend on what else is in the batch, how it was padded, or when the row joined it. With
+more prompts than `batch_rows`, the rows are batched continuously (see `Sampler._continuous`).
 """
 from __future__ import annotations
 
