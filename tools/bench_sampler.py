@@ -54,12 +54,20 @@ def bench_ours(model, sampler, params, prompts, new_tokens):
     return int(out.lengths.sum()) / elapsed, sampler.compile_count - before, compile_s
 
 
-def bench_peer(hf_model, prompts, new_tokens, pad_id):
+def left_padded(prompts, pad_id):
+    """The peer's input ids and attention mask, prompts right-aligned."""
     import torch
 
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return (torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts]),
+            torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]))
+
+
+def bench_peer(hf_model, prompts, new_tokens, pad_id):
+    import torch
+
+    ids, mask = left_padded(prompts, pad_id)
+    width = ids.shape[1]
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
                   temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id)
     with torch.no_grad():
@@ -118,9 +126,8 @@ def bench_distill_peer(hf_model, groups, limit, sampling, stops, rows, pad_id):
         for group in groups:
             for b in range(0, len(group), rows):
                 batch = group[b:b + rows]
-                width = max(len(p) for p in batch)
-                ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+                ids, mask = left_padded(batch, pad_id)
+                width = ids.shape[1]
                 t0 = time.perf_counter()
                 out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=limit, do_sample=True,
                                         temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,

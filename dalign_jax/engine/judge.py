@@ -129,7 +129,7 @@ class JudgeEngine(DigitJudge):
             return scores, probs
         outs = complete_chats(self.model, self.sampler, self.params, conversations, self.max_new_tokens,
                               jax.random.key(0), batch_rows=self.batch_size)
-        return np.array([parse_rating(o.text, low, high) for o in outs], np.float32).reshape(-1), None
+        return np.array([parse_rating(o.text, low, high) for o in outs], np.float32), None
 
 
 def parse_rating(text: str, low: int = 0, high: int = SCALE - 1) -> float:

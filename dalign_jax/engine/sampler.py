@@ -314,7 +314,7 @@ def _refill(params, state: DecodeState, tokens, positions, source, targets, max_
     """Prefill the distinct prompts `tokens` [D, prompt_len] and start entry e's row `targets[e]` on
     prompt `source[e]` (targets past the last row are padding, dropped). One program per D bucket."""
     on_trace()
-    rows, slots = state.cache.positions.shape
+    slots = state.cache.positions.shape[1]
     prompt_len = tokens.shape[1]
     c = state.cache
     fresh = KVCache.empty(cfg, tokens.shape[0], prompt_len, dtype=params["embed"].dtype,
@@ -359,6 +359,18 @@ def _decode_until(params, state: DecodeState, finished, *, cfg: ModelConfig, sam
     on_trace()
     step = functools.partial(_decode_step, params, cfg=cfg, sampling=sampling, pad_id=pad_id)
     return jax.lax.while_loop(lambda s: (jnp.sum(s.done) < finished) & ~jnp.all(s.done), step, state)
+
+
+def _rows_of(limits, stop, keys, rows: int):
+    """Per-row limits, stop lists and keys of the first prompts, padded to `rows` (padding rows sample
+    nothing and draw from the first key)."""
+    n = len(limits)
+    max_new = np.zeros(rows, np.int32)
+    max_new[:n] = limits
+    row_stop = np.full((rows, stop.shape[1]), -1, np.int32)
+    row_stop[:n] = stop
+    row_keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (rows - n,))]) if rows > n else keys
+    return max_new, row_stop, row_keys
 
 
 class Sampler:
@@ -536,11 +548,7 @@ class Sampler:
             source[:n] = [index[tuple(p)] for p in own]
             own = distinct
         tokens, positions = left_pad(own, prompt_len, batch_bucket(len(own), self.mesh), self.pad_id, offset=shared)
-        max_new = np.zeros(rows, np.int32)
-        max_new[:n] = limits
-        row_stop = np.full((rows, stop.shape[1]), -1, np.int32)
-        row_stop[:n] = stop
-        row_keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (rows - n,))]) if rows > n else keys
+        max_new, row_stop, row_keys = _rows_of(limits, stop, keys, rows)
         fn = self._fn(params, sampling, new_slots)
         seen = self._seen(sampling, prompts, rows)
         out = jax.device_get(fn(params, tokens, positions, source, max_new, row_stop, seen, row_keys, prefix))
@@ -571,8 +579,8 @@ class Sampler:
         refill_at = max(1, int(rows * self.REFILL_SHARE))
         while True:
             done, row_lengths = (np.asarray(x) for x in jax.device_get((state.done, state.lengths)))
-            finished = [r for r in range(len(owner)) if owner[r] >= 0 and done[r]]
-            if finished:
+            finished = np.flatnonzero((owner >= 0) & done)
+            if len(finished):
                 out_tokens, out_logp = (np.asarray(x) for x in jax.device_get((state.tokens, state.logprobs)))
                 for r in finished:
                     i, m = owner[r], row_lengths[r]
@@ -597,7 +605,6 @@ class Sampler:
                 if width < len(owner):
                     keep = np.concatenate([live, np.flatnonzero(owner < 0)[:width - len(live)]]).astype(np.int32)
                     state, owner = keep_rows(state, keep), owner[keep]
-                    live = np.flatnonzero(owner >= 0)
                 # Decode until the live rows fit in half the rows (or are done).
                 target = width if width // 2 < smallest else width - width // 2
             else:
@@ -621,10 +628,7 @@ class Sampler:
         source, targets = np.zeros(rows, np.int32), np.full(rows, rows, np.int32)
         source[:len(free)] = [index[tuple(own[i])] for i in started]
         targets[:len(free)] = free
-        max_new = np.zeros(rows, np.int32)
-        max_new[:len(free)] = limits[first:first + len(free)]
-        row_stop = np.full((rows, stop.shape[1]), -1, np.int32)
-        row_stop[:len(free)] = stop[first:first + len(free)]
+        taken = slice(first, first + len(free))
+        max_new, row_stop, row_keys = _rows_of(limits[taken], stop[taken], keys[taken], rows)
         seen = self._seen(sampling, [prompts[i] for i in started], rows)
-        row_keys = jnp.concatenate([keys[first:first + len(free)], jnp.broadcast_to(keys[:1], (rows - len(free),))])
         return refill(params, state, tokens, positions, source, targets, max_new, row_stop, seen, row_keys)
