@@ -382,7 +382,8 @@ class Sampler:
         """Prompts of one call that share at least `prefix_min_tokens` leading tokens get that prefix
         computed once (and cached across calls); 0 switches prefix sharing off. `weights`: the dtype
         of the sampler's own copy of the weights (`models.sample_dtype`): float32 (the caller's),
-        bfloat16 (computing in it), or int8 (the layers' matrices, a scale per column; float32 compute)."""
+        bfloat16 (computing in it, products summed in float32), or int8 (the layers' matrices, a scale
+        per column; float32 activations, rounded to bfloat16 for the products)."""
         if weights not in SAMPLE_DTYPES:
             raise UserError(f"sampler: weights {weights!r}; choose from {', '.join(SAMPLE_DTYPES)}")
         self.weights = weights
