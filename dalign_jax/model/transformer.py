@@ -275,7 +275,7 @@ def _attend(q, blocks, rule: ScoreRule):
     scores = []
     for k, _, mask in blocks:
         spec = "bkgtd,ksd->bkgts" if k.ndim == 3 else "bkgtd,bksd->bkgts"
-        s = softcap(jnp.einsum(spec, q, k.astype(jnp.float32)), rule.cap)
+        s = softcap(_summed_in_float32(spec, q, k), rule.cap)
         # Masked by adding -1e30 (the values a select gives, for any |s| below 1e22): on a CPU a select
         # over the whole score tile cost more.
         scores.append(s + jnp.where(mask, 0.0, -1e30))
@@ -285,8 +285,14 @@ def _attend(q, blocks, rule: ScoreRule):
         p = probs[..., start:start + s.shape[-1]]
         start += s.shape[-1]
         spec = "bkgts,ksd->bkgtd" if v.ndim == 3 else "bkgts,bksd->bkgtd"
-        out = out + jnp.einsum(spec, p, v.astype(jnp.float32))
+        out = out + _summed_in_float32(spec, p, v)
     return out
+
+
+def _summed_in_float32(spec: str, a: jax.Array, cached: jax.Array) -> jax.Array:
+    """A product with a block of keys or values in their own dtype, `a` rounded to it, summed in
+    float32: a bf16 cache is read as it lies (widening it made XLA convert the whole cache each step)."""
+    return jnp.einsum(spec, a.astype(cached.dtype), cached, preferred_element_type=jnp.float32)
 
 
 def _attend_fused(q, blocks, rule: ScoreRule):
@@ -414,8 +420,7 @@ def _layer(cfg: ModelConfig, rotary, batch_shards: int | None, x, positions, lp,
             attn = _attend_causal(q, k, v, mask, prefix_blocks, rule, batch_shards)
     if cache_kv is not None:
         ck, cv, index = cache_kv
-        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
-        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
+        k, v = _written(ck, k, index), _written(cv, v, index)
         if not fresh:
             attn = (_attend_fused if fused else _attend)(q, prefix_blocks + [(k, v, mask)], rule)
     attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, tq, cfg.num_heads * cfg.head_dim)
@@ -428,6 +433,17 @@ def _layer(cfg: ModelConfig, rotary, batch_shards: int | None, x, positions, lp,
     out = mm(gate * mm(h, lp["w_up"]), lp["w_down"])
     x = x + (_norm(cfg, out, lp["post_mlp_norm"]) if cfg.post_norms else out)
     return x, k, v
+
+
+def _written(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+    """`new` written into a layer's cache at slot `index`. A bf16 cache is written through its 16-bit
+    pattern: XLA:CPU widens a bf16 update-slice to float32, which rewrites the whole cache every step."""
+    new = new.astype(cache.dtype)
+    if cache.dtype != jnp.bfloat16:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+    bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(cache, jnp.uint16),
+                                        jax.lax.bitcast_convert_type(new, jnp.uint16), (0, 0, index, 0))
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
 def forward(
