@@ -46,7 +46,8 @@ class Models:
     # (GPUs, TPUs); false: unrolled, faster on a CPU. Same results.
     scan_layers: bool = False
     # The samplers' own copy of the weights (distill, judge, RL rollouts, eval); training keeps float32
-    # masters. bfloat16 computes in it; int8: the layers' matrices with a scale per column.
+    # masters. bfloat16 computes in it, summing products in float32; int8: the layers' matrices with a
+    # scale per column, multiplied as bfloat16 (exact for int8 values).
     sample_dtype: Literal["float32", "bfloat16", "int8"] = "float32"
 
 

@@ -290,8 +290,12 @@ def _attend(q, blocks, rule: ScoreRule):
 
 
 def _summed_in_float32(spec: str, a: jax.Array, cached: jax.Array) -> jax.Array:
-    """A product with a block of keys or values in their own dtype, `a` rounded to it, summed in
-    float32: a bf16 cache is read as it lies (widening it made XLA convert the whole cache each step)."""
+    """A product with a block of keys or values summed in float32. A per-row block is read in its own
+    dtype, `a` rounded to it: widening a bf16 cache made XLA convert all of it every decode step. A
+    shared prefix block ([kv_heads, slots, head_dim]) is widened: XLA:CPU has no bf16 kernel for that
+    product's shape."""
+    if cached.ndim == 3:
+        return jnp.einsum(spec, a, cached.astype(jnp.float32))
     return jnp.einsum(spec, a.astype(cached.dtype), cached, preferred_element_type=jnp.float32)
 
 
