@@ -275,7 +275,7 @@ def _attend(q, blocks, rule: ScoreRule):
     scores = []
     for k, _, mask in blocks:
         spec = "bkgtd,ksd->bkgts" if k.ndim == 3 else "bkgtd,bksd->bkgts"
-        s = softcap(_summed_in_float32(spec, q, k), rule.cap)
+        s = softcap(_cached_product(spec, q, k), rule.cap)
         # Masked by adding -1e30 (the values a select gives, for any |s| below 1e22): on a CPU a select
         # over the whole score tile cost more.
         scores.append(s + jnp.where(mask, 0.0, -1e30))
@@ -285,11 +285,11 @@ def _attend(q, blocks, rule: ScoreRule):
         p = probs[..., start:start + s.shape[-1]]
         start += s.shape[-1]
         spec = "bkgts,ksd->bkgtd" if v.ndim == 3 else "bkgts,bksd->bkgtd"
-        out = out + _summed_in_float32(spec, p, v)
+        out = out + _cached_product(spec, p, v)
     return out
 
 
-def _summed_in_float32(spec: str, a: jax.Array, cached: jax.Array) -> jax.Array:
+def _cached_product(spec: str, a: jax.Array, cached: jax.Array) -> jax.Array:
     """A product with a block of keys or values summed in float32. A per-row block is read in its own
     dtype, `a` rounded to it: widening a bf16 cache made XLA convert all of it every decode step. A
     shared prefix block ([kv_heads, slots, head_dim]) is widened: XLA:CPU has no bf16 kernel for that
